@@ -1,0 +1,32 @@
+# hf_levy developer commands. `make help` lists them.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help install test lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e ".[dev]"
+	# torchvision, when a dependency drags a build that does not match torch, breaks `import transformers`.
+	$(BIN)/pip uninstall -y torchvision || true
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv/ and install hf_levy editable with its dev extra (torch from $$TORCH)
+
+test: $(STAMP)  ## install if needed, then run the test suite
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+lint: $(STAMP)  ## run ruff on the package, tests and benchmarks
+	$(BIN)/ruff check hf_levy tests benchmarks
+	$(BIN)/ruff format --check hf_levy tests benchmarks
+
+clean:  ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache build *.egg-info

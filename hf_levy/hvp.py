@@ -1,0 +1,227 @@
+"""Hessian-vector products of a model's loss on one fixed batch.
+
+H = ∇²_θ L(θ; batch) over the parameters θ = ``params`` (flattened in the order given, length P).
+
+* ``autograd``: exact, Pearlmutter's double backward: g = ∇L built once with ``create_graph=True``,
+  then H v = ∇(gᵀv), reusing the first-order graph for every product (1.2–1.8 gradients per
+  product on the tiny Llamas of ``shared/notes``; rebuilding it each time costs 2.3–3.0).
+* ``finite_difference``: H v ≈ (∇L(θ + εv) − ∇L(θ − εv)) / 2ε, two ordinary gradients, so it works
+  wherever forward/backward works (fused attention kernels, FSDP). Truncation error O(ε²‖∇³L‖),
+  rounding error O(u‖∇L‖/ε) with u the unit roundoff; the default step balances the two (see
+  :func:`finite_difference_step`).
+
+Both leave the model as they found it: its train/eval mode (of every submodule), ``.grad``, parameter
+values (bit for bit) and the global RNG. Dropout is off during the products (eval mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from hf_levy.params import flatten, num_elements, unflatten
+
+HvpMethod = Literal["autograd", "finite_difference"]
+LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
+
+
+class DoubleBackwardError(RuntimeError):
+    """The model's graph has no second derivative (fused attention, reentrant checkpointing, ...)."""
+
+
+# Fragments of PyTorch errors raised when a graph cannot be differentiated twice, and what causes them.
+_DOUBLE_BACKWARD_CAUSES = (
+    ("not implemented", "an operation without a second derivative (fused SDPA/flash attention kernels)"),
+    ("use_reentrant=True", "reentrant gradient checkpointing (use_reentrant=True)"),
+    ("does not require grad", "a graph cut by reentrant gradient checkpointing or torch.no_grad"),
+    ("not have been used in the graph", "a graph cut by reentrant gradient checkpointing"),
+)
+
+
+def make_hvp(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    params: Sequence[Tensor],
+    *,
+    method: HvpMethod = "autograd",
+    loss_fn: LossFn | None = None,
+    fd_step: float | None = None,
+    reuse_graph: bool = True,
+) -> Callable[[Tensor], Tensor]:
+    """Build v ↦ H v for the loss of ``model`` on ``batch`` w.r.t. ``params``.
+
+    Args:
+        model: the module; its loss is ``model(**batch).loss`` unless ``loss_fn(model, batch)`` is given.
+        batch: a dict of tensors (moved to the device of the first parameter).
+        params: the parameters to differentiate, all with ``requires_grad``; vectors are flat over them.
+        method: ``"autograd"`` (exact double backward) or ``"finite_difference"``.
+        loss_fn: optional ``(model, batch) -> scalar loss``.
+        fd_step: finite-difference step ε for a unit vector; default :func:`finite_difference_step`.
+        reuse_graph: autograd only: build the first-order graph once and keep it for every product
+            (faster, holds the activations until the returned function is released).
+
+    Returns:
+        ``hvp(v_P) -> Hv_P``: ``v_P`` a 1-D tensor of length P = Σ numel(params); the result has the
+        dtype and device of ``v_P``. Parameters must not change while the function is in use.
+
+    Raises:
+        ValueError: bad ``method``, empty ``params``, a parameter without ``requires_grad``, or a model
+            output with no ``.loss`` and no ``loss_fn``.
+        DoubleBackwardError: (autograd) the graph has no second derivative; the message names the cause
+            and suggests ``method="finite_difference"``.
+    """
+    if method not in ("autograd", "finite_difference"):
+        raise ValueError(f"method must be 'autograd' or 'finite_difference', got {method!r}")
+    params = list(params)
+    if not params:
+        raise ValueError("params is empty: pass the trainable parameters (e.g. hf_levy.trainable_parameters(model))")
+    for i, p in enumerate(params):
+        if not p.requires_grad:
+            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) does not require grad; pass trainable parameters only")
+    if fd_step is not None and not fd_step > 0:
+        raise ValueError(f"fd_step must be > 0, got {fd_step}")
+    device = params[0].device
+    batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    closure = _LossClosure(model, batch, loss_fn, device)
+    if method == "finite_difference":
+        return _finite_difference_hvp(closure, params, fd_step)
+    return _autograd_hvp(closure, params, reuse_graph)
+
+
+def finite_difference_step(params: Sequence[Tensor], dtype: torch.dtype | None = None) -> float:
+    """Default central-difference step ε for a unit vector: ε = u^(1/3) · (1 + ‖θ‖) / √P.
+
+    u is the unit roundoff of the parameters' dtype; u^(1/3) balances the O(ε²) truncation error
+    against the O(u/ε) rounding error of a central difference, and (1 + ‖θ‖)/√P ~ (1 + RMS(θ)) sets the
+    size of a typical coordinate, so each coordinate moves by ~u^(1/3) of its own size. For a
+    vector of norm r the step is ε / r.
+    """
+    dtype = dtype or params[0].dtype
+    u = torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps / 2
+    with torch.no_grad():
+        norm = torch.sqrt(sum(p.detach().double().pow(2).sum() for p in params)).item()
+    return u ** (1 / 3) * (1.0 + norm) / num_elements(params) ** 0.5
+
+
+class _LossClosure:
+    """loss() on the fixed batch, with dropout off and the model's modes and the global RNG restored."""
+
+    def __init__(self, model: nn.Module, batch: dict[str, Any], loss_fn: LossFn | None, device: torch.device):
+        self.model, self.batch, self.loss_fn = model, batch, loss_fn
+        self.rng_devices = [device.index or 0] if device.type == "cuda" else []
+
+    @contextlib.contextmanager
+    def frozen_state(self) -> Iterator[None]:
+        modes = [(m, m.training) for m in self.model.modules()]
+        try:
+            with torch.random.fork_rng(devices=self.rng_devices):
+                self.model.eval()
+                yield
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    def __call__(self) -> Tensor:
+        if self.loss_fn is not None:
+            loss = self.loss_fn(self.model, self.batch)
+        else:
+            output = self.model(**self.batch)
+            loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+            if loss is None:
+                raise ValueError(
+                    "model(**batch) returned no .loss: put the labels in the batch (e.g. batch['labels']) "
+                    "or pass loss_fn=lambda model, batch: ..."
+                )
+        if loss.dim() != 0:
+            raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
+        return loss
+
+
+def _grad(outputs: Sequence[Tensor], params: list[Tensor], **kwargs: Any) -> list[Tensor]:
+    """torch.autograd.grad with unused parameters given zero gradients and double-backward errors explained."""
+    try:
+        grads = torch.autograd.grad(outputs, params, allow_unused=True, **kwargs)
+    except RuntimeError as err:
+        raise _explain(err) from err
+    if all(g is None for g in grads):
+        raise DoubleBackwardError(
+            "the loss does not depend on any of the given params (a graph cut by reentrant gradient "
+            "checkpointing or torch.no_grad?); check `params`, or use method='finite_difference'"
+        )
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
+
+
+def _explain(err: RuntimeError) -> RuntimeError:
+    for fragment, cause in _DOUBLE_BACKWARD_CAUSES:
+        if fragment in str(err):
+            return DoubleBackwardError(
+                f"double backward is not available for this model: {cause}. Use "
+                f"method='finite_difference' (or hvp_method='auto' in LevyConfig), or switch the model to "
+                f"model.set_attn_implementation('eager') / non-reentrant checkpointing. PyTorch said: {err}"
+            )
+    return err
+
+
+def _autograd_hvp(closure: _LossClosure, params: list[Tensor], reuse_graph: bool) -> Callable[[Tensor], Tensor]:
+    def first_order_graph() -> list[Tensor]:
+        with closure.frozen_state():
+            return _grad([closure()], params, create_graph=True)
+
+    cached = first_order_graph() if reuse_graph else None
+
+    def hvp(v_P: Tensor) -> Tensor:
+        grads = cached if cached is not None else first_order_graph()
+        # Gradients that do not depend on θ (loss linear in that parameter) have zero Hessian rows.
+        live = [i for i, g in enumerate(grads) if g.requires_grad]
+        vs = unflatten(v_P, params)
+        out = [torch.zeros_like(p) for p in params]
+        if live:
+            with closure.frozen_state():
+                hvs = _grad(
+                    [grads[i] for i in live],
+                    params,
+                    grad_outputs=[vs[i].to(grads[i].dtype) for i in live],
+                    retain_graph=reuse_graph,
+                )
+            out = hvs
+        return flatten(out, dtype=v_P.dtype).to(v_P.device)
+
+    return hvp
+
+
+def _finite_difference_hvp(
+    closure: _LossClosure, params: list[Tensor], fd_step: float | None
+) -> Callable[[Tensor], Tensor]:
+    step = fd_step if fd_step is not None else finite_difference_step(params)
+    work_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+
+    def gradient_at(shift: list[Tensor], sign: float, saved: list[Tensor]) -> Tensor:
+        # Writing through .data keeps autograd's version counters untouched: the values are restored
+        # bit for bit afterwards, so graphs built on these parameters elsewhere stay valid.
+        with torch.no_grad():
+            for p, s, d in zip(params, saved, shift, strict=True):
+                p.data.copy_(s + sign * d)
+        with closure.frozen_state():
+            return flatten(_grad([closure()], params), dtype=work_dtype)
+
+    def hvp(v_P: Tensor) -> Tensor:
+        norm = v_P.double().norm().item()
+        if norm == 0.0:
+            return torch.zeros_like(v_P)
+        eps = step / norm
+        shift = [d.to(p.dtype) for d, p in zip(unflatten(v_P.to(work_dtype) * eps, params), params, strict=True)]
+        saved = [p.detach().clone() for p in params]
+        try:
+            g_plus = gradient_at(shift, 1.0, saved)
+            g_minus = gradient_at(shift, -1.0, saved)
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved, strict=True):
+                    p.data.copy_(s)
+        return ((g_plus - g_minus) / (2 * eps)).to(dtype=v_P.dtype, device=v_P.device)
+
+    return hvp

@@ -1,0 +1,216 @@
+"""make_hvp against a dense Hessian computed a second way (torch.func reverse-over-reverse)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+from hf_levy import DoubleBackwardError, make_hvp, trainable_parameters
+
+
+class TinyMLP(nn.Module):
+    """A regression MLP with dropout, so eval-mode products and mode restoration are visible."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Dropout(0.5), nn.Linear(7, 3))
+
+    def forward(self, x, y):
+        pred = self.net(x)
+        return {"loss": ((pred - y) ** 2).mean()}
+
+
+def dense_hessian(model, batch, params, loss_of_output=lambda out: out["loss"]):
+    """∇²L as a (P, P) matrix via torch.func, on flat parameters, with the model in eval mode."""
+    names = [n for n, p in model.named_parameters() if any(p is q for q in params)]
+    shapes = [p.shape for p in params]
+    numels = [p.numel() for p in params]
+    fixed = {n: p.detach() for n, p in model.named_parameters() if not any(p is q for q in params)}
+
+    def loss(flat):
+        chunks = [c.view(s) for c, s in zip(torch.split(flat, numels), shapes, strict=True)]
+        out = functional_call(model, {**fixed, **dict(zip(names, chunks, strict=True))}, kwargs=batch)
+        return loss_of_output(out)
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    was_training = model.training
+    model.eval()
+    try:
+        return jacrev(jacrev(loss))(flat) if model.__class__.__name__.startswith("Llama") else hessian(loss)(flat)
+    finally:
+        model.train(was_training)
+
+
+def mlp_problem(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = TinyMLP().to(dtype)
+    batch = {"x": torch.randn(11, 5, dtype=dtype), "y": torch.randn(11, 3, dtype=dtype)}
+    return model, batch, trainable_parameters(model)
+
+
+def columns(matvec, dim, count, dtype):
+    """The first ``count`` columns of the operator, H e_i, as a (dim, count) matrix."""
+    eye = torch.eye(dim, dtype=dtype)
+    return torch.stack([matvec(eye[i]) for i in range(count)], dim=1)
+
+
+def test_autograd_hvp_matches_dense_hessian_on_mlp():
+    model, batch, params = mlp_problem()
+    H = dense_hessian(model, batch, params)
+    hvp = make_hvp(model, batch, params)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(hvp(v), H @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(columns(hvp, H.shape[0], H.shape[0], torch.float64), H, rtol=1e-10, atol=1e-12)
+
+
+def test_autograd_hvp_without_graph_reuse_matches_dense_hessian():
+    model, batch, params = mlp_problem()
+    H = dense_hessian(model, batch, params)
+    hvp = make_hvp(model, batch, params, reuse_graph=False)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(hvp(v), H @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_autograd_hvp_matches_dense_hessian_on_tiny_causal_lm():
+    model = tiny_llama().double()
+    ids = torch.randint(0, 16, (3, 6), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    params = trainable_parameters(model)
+    H = dense_hessian(model, batch, params, loss_of_output=lambda out: out.loss)
+    assert H.shape[0] > 500  # the whole model, not a toy subset
+    hvp = make_hvp(model, batch, params)
+    # Llama keeps the loss, norms and softmax in float32 internally, so agreement is at float32 level.
+    for seed in range(3):
+        v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        expected = H @ v
+        assert (hvp(v) - expected).norm() / expected.norm() < 1e-5
+
+
+def test_loss_fn_replaces_model_loss():
+    model, batch, params = mlp_problem()
+    H = dense_hessian(model, batch, params)
+    hvp = make_hvp(model, batch, params, loss_fn=lambda m, b: 3.0 * m(**b)["loss"])
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(hvp(v), 3.0 * (H @ v), rtol=1e-10, atol=1e-12)
+
+
+def test_hvp_over_a_parameter_subset_is_the_hessian_block():
+    model, batch, params = mlp_problem()
+    H = dense_hessian(model, batch, params)
+    first = params[0].numel() + params[1].numel()
+    sub = params[:2]
+    hvp = make_hvp(model, batch, sub)
+    v = torch.randn(first, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(hvp(v), H[:first, :first] @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_finite_difference_matches_exact_in_float32():
+    model = tiny_llama(vocab_size=32, hidden_size=16)
+    ids = torch.randint(0, 32, (4, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    params = trainable_parameters(model)
+    exact = make_hvp(model, batch, params)
+    approx = make_hvp(model, batch, params, method="finite_difference")
+    for seed in range(3):
+        v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(seed))
+        v = v * 7.0  # the step is taken relative to the norm of v
+        e, a = exact(v), approx(v)
+        assert (a - e).norm() / e.norm() < 5e-3, f"relative error {((a - e).norm() / e.norm()).item():.2e}"
+
+
+def test_finite_difference_matches_dense_hessian_in_float64():
+    model, batch, params = mlp_problem()
+    H = dense_hessian(model, batch, params)
+    hvp = make_hvp(model, batch, params, method="finite_difference")
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert ((hvp(v) - H @ v).norm() / (H @ v).norm()).item() < 1e-7
+
+
+@pytest.mark.parametrize("method", ["autograd", "finite_difference"])
+def test_model_state_is_left_as_it_was(method):
+    model, batch, params = mlp_problem(torch.float32)
+    model.train()
+    model.net[0].eval()  # a mixed-mode model: every submodule's own mode must come back
+    for p in params:
+        p.grad = torch.full_like(p, 0.25)
+    before_params = [p.detach().clone() for p in params]
+    before_grads = [p.grad.clone() for p in params]
+    before_modes = [m.training for m in model.modules()]
+    before_rng = torch.get_rng_state()
+    hvp = make_hvp(model, batch, params, method=method)
+    out = hvp(torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(0)))
+    assert torch.isfinite(out).all()
+    assert [m.training for m in model.modules()] == before_modes
+    assert torch.equal(torch.get_rng_state(), before_rng)
+    for p, b, g in zip(params, before_params, before_grads, strict=True):
+        assert torch.equal(p.detach(), b), "parameters must be restored bit for bit"
+        assert torch.equal(p.grad, g), ".grad must not be touched"
+
+
+def test_dropout_is_off_during_products():
+    model, batch, params = mlp_problem()
+    model.train()
+    hvp = make_hvp(model, batch, params, reuse_graph=False)
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(hvp(v), hvp(v), rtol=0, atol=0)
+    torch.testing.assert_close(hvp(v), dense_hessian(model, batch, params) @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_sdpa_model_raises_a_clear_error_for_autograd():
+    model = tiny_llama(vocab_size=32, hidden_size=16, attn="sdpa")
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    with pytest.raises(DoubleBackwardError, match="finite_difference"):
+        make_hvp(model, batch, trainable_parameters(model))(torch.ones(sum(p.numel() for p in model.parameters())))
+    # and the finite-difference product works on the very same model
+    out = make_hvp(model, batch, trainable_parameters(model), method="finite_difference")(
+        torch.ones(sum(p.numel() for p in model.parameters()))
+    )
+    assert torch.isfinite(out).all()
+
+
+def test_reentrant_checkpointing_raises_a_clear_error():
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+
+        def forward(self, x):
+            out = torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=True)
+            return {"loss": out.pow(2).mean()}
+
+    model = Checkpointed()
+    params = trainable_parameters(model)
+    with pytest.raises(DoubleBackwardError, match="reentrant"):
+        make_hvp(model, {"x": torch.randn(3, 4, requires_grad=True)}, params)(torch.ones(25))
+
+
+def test_hf_checkpointing_is_off_in_the_eval_mode_products():
+    """HF models checkpoint only in training mode, so even reentrant checkpointing allows exact products."""
+    model = tiny_llama(vocab_size=32, hidden_size=16, layers=2)
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    params = trainable_parameters(model)
+    v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(0))
+    plain = make_hvp(model, batch, params)(v)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    torch.testing.assert_close(make_hvp(model, batch, params)(v), plain, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_are_named():
+    model, batch, params = mlp_problem()
+    with pytest.raises(ValueError, match="method"):
+        make_hvp(model, batch, params, method="exact")
+    with pytest.raises(ValueError, match="params"):
+        make_hvp(model, batch, [])
+    frozen = nn.Parameter(torch.zeros(3), requires_grad=False)
+    with pytest.raises(ValueError, match=r"params\[0\]"):
+        make_hvp(model, batch, [frozen])
+    with pytest.raises(ValueError, match="labels"):
+        make_hvp(nn.Linear(5, 3).double(), {"input": batch["x"]}, params[:1])
+    with pytest.raises(ValueError, match="length"):
+        make_hvp(model, batch, params)(torch.ones(3, dtype=torch.float64))
