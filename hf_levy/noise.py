@@ -1,0 +1,71 @@
+"""Anisotropic α-stable gradient noise in a low-rank Hessian eigenbasis.
+
+    ξ_P = vectors_PK · coef_K,   coef_i = c_i · clip(z_i, ±clip),   z_i ~ SαS(α_i, 1) i.i.d.
+
+With orthonormal columns ‖ξ‖ = ‖coef‖, so the norm cap ‖ξ‖ ≤ max_norm is applied to the K
+coefficients alone (no pass over the P entries, no communication under sharding).
+
+The draws come from a generator seeded by (seed, optimizer step): every data-parallel rank draws the
+same z, and a resumed run redraws exactly the z of the uninterrupted one without saving RNG state.
+
+Legend: P parameters (flat length, or the local shard length under FSDP), K eigenpairs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hf_levy.stable import sample_symmetric_stable
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator whose stream depends only on (seed, step), well mixed by NumPy's SeedSequence."""
+    mixed = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step) & 0xFFFFFFFF]).generate_state(
+        2, np.uint32
+    )
+    return torch.Generator().manual_seed(int(mixed[0]) << 31 ^ int(mixed[1]))
+
+
+def curvature_weights(values_K: Tensor) -> Tensor:
+    """Unit-norm direction weights that follow the curvature: w_i = √λ_i⁺ / ‖√λ⁺‖ (float64, shape (K,)).
+
+    SGD's noise covariance near a minimum is about H/B (Zhu et al. 2019; Xie et al. 2021), so its
+    standard deviation along eigenvector i grows as √λ_i. Non-positive eigenvalues get no noise; when
+    no eigenvalue is positive the weights are uniform, 1/√K.
+    """
+    root = values_K.double().clamp(min=0.0).sqrt()
+    total = root.norm()
+    if total > 0:
+        return root / total
+    return torch.full_like(root, values_K.numel() ** -0.5)
+
+
+def noise_coefficients(
+    scales_K: Tensor,
+    alpha: float | Tensor,
+    generator: torch.Generator,
+    *,
+    clip: float | None,
+    max_norm: float | None,
+) -> Tensor:
+    """coef_K = scales_K · clip(z_K), rescaled so that ‖coef‖ ≤ max_norm (float64, shape (K,)).
+
+    ``scales_K`` are the SαS scales c_i (gradient units); ``alpha`` a float or a (K,) tensor; ``clip``
+    bounds |z_i| (None: no per-draw clip); ``max_norm`` bounds ‖coef‖ (None: no cap).
+    """
+    z = sample_symmetric_stable(scales_K.shape, alpha, generator=generator, dtype=torch.float64)
+    if clip is not None:
+        z = z.clamp(-clip, clip)
+    coef = scales_K.double().cpu() * z
+    if max_norm is not None:
+        norm = coef.norm()
+        if norm > max_norm:
+            coef = coef * (max_norm / norm)
+    return coef
+
+
+def directional_noise(vectors_PK: Tensor, coef_K: Tensor) -> Tensor:
+    """ξ_P = vectors_PK · coef_K, in the dtype and on the device of the vectors."""
+    return vectors_PK @ coef_K.to(device=vectors_PK.device, dtype=vectors_PK.dtype)

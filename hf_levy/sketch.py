@@ -1,0 +1,118 @@
+"""The periodic Hessian sketch: top-K eigenpairs of the loss on a sketch batch, refreshed every N steps.
+
+A refresh runs :func:`hf_levy.lanczos` on a Hessian-vector product, warm-started from the previous
+eigenvectors. A refresh that fails (non-finite products, eigenvalues or vectors) is discarded with a
+warning and the last good sketch is kept, so nothing non-finite ever reaches the noise.
+
+Legend: P parameters (or this rank's shard), K eigenpairs.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hf_levy.lanczos import Eigenpairs, lanczos
+from hf_levy.noise import step_generator
+
+# The Lanczos start vector of step s uses the stream (seed + _LANCZOS_STREAM, s), independent of the noise's.
+_LANCZOS_STREAM = 0x5EED
+
+
+@dataclass
+class SketchSettings:
+    num_eigenpairs: int
+    num_iters: int | None
+    tol: float
+    seed: int
+    vector_dtype: torch.dtype | None = None  # None: the dtype of the products
+    vector_device: torch.device | str | None = None  # None: the device of the products
+
+
+class HessianSketch:
+    """Holds the current eigenpairs (``values_K``, ``vectors_PK``) and the step they were computed at."""
+
+    def __init__(self, settings: SketchSettings):
+        self.settings = settings
+        self.values_K: Tensor | None = None
+        self.vectors_PK: Tensor | None = None
+        self.step: int | None = None  # optimizer step of the last good refresh
+
+    @property
+    def ready(self) -> bool:
+        return self.vectors_PK is not None
+
+    def due(self, step: int, every: int) -> bool:
+        """True at the first step and whenever ``every`` optimizer steps have passed since the last refresh."""
+        return self.step is None or step - self.step >= every
+
+    def refresh(
+        self,
+        matvec: Callable[[Tensor], Tensor],
+        dim: int,
+        step: int,
+        *,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> dict[str, float]:
+        """Recompute the eigenpairs at ``step``; returns the ``curvature/`` metrics (empty when discarded)."""
+        s = self.settings
+        start = time.perf_counter()
+        try:
+            pairs = lanczos(
+                matvec,
+                dim,
+                s.num_eigenpairs,
+                num_iters=s.num_iters,
+                tol=s.tol,
+                init=self.vectors_PK,
+                generator=step_generator(s.seed + _LANCZOS_STREAM, step),
+                dtype=s.vector_dtype,
+                device=s.vector_device,
+                reduce=reduce,
+            )
+        except FloatingPointError as err:
+            warnings.warn(
+                f"Hessian sketch at step {step} discarded ({err}); keeping the sketch of step {self.step}",
+                stacklevel=2,
+            )
+            return {}
+        if not (torch.isfinite(pairs.values).all() and torch.isfinite(pairs.vectors).all()):
+            warnings.warn(
+                f"Hessian sketch at step {step} discarded (non-finite eigenpairs); keeping step {self.step}",
+                stacklevel=2,
+            )
+            return {}
+        self.values_K, self.vectors_PK, self.step = pairs.values, pairs.vectors, step
+        return sketch_metrics(pairs, time.perf_counter() - start)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        if not self.ready:
+            return {}
+        return {
+            "values": self.values_K,
+            "vectors": self.vectors_PK.contiguous(),
+            "step": torch.tensor(self.step, dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if not state:
+            return
+        self.values_K = state["values"].double().cpu()
+        self.vectors_PK = state["vectors"]
+        self.step = int(state["step"])
+
+
+def sketch_metrics(pairs: Eigenpairs, seconds: float) -> dict[str, float]:
+    """``curvature/`` log entries: eigenvalues (descending), worst relative residual, products, seconds."""
+    metrics = {f"curvature/eigenvalue_{i}": float(v) for i, v in enumerate(pairs.values)}
+    relative = pairs.residuals / pairs.values.abs().clamp(min=1e-30)
+    metrics["curvature/lanczos_residual"] = float(relative.max())
+    metrics["curvature/lanczos_converged"] = float(pairs.converged)
+    metrics["curvature/hvp_count"] = float(pairs.num_matvecs)
+    metrics["curvature/sketch_seconds"] = seconds
+    return metrics

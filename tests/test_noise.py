@@ -1,0 +1,67 @@
+"""The noise model: exact coupling first, then the geometry of ξ = V·coef."""
+
+from __future__ import annotations
+
+import torch
+
+from hf_levy import sample_symmetric_stable
+from hf_levy.noise import curvature_weights, directional_noise, noise_coefficients, step_generator
+
+
+def orthonormal(P, K, seed=0):
+    q, _ = torch.linalg.qr(
+        torch.randn(P, K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    )
+    return q
+
+
+def test_coefficients_couple_exactly_across_scales():
+    scales = torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64)
+    unit = noise_coefficients(
+        torch.ones(3, dtype=torch.float64), 1.5, step_generator(0, 5), clip=None, max_norm=None
+    )
+    scaled = noise_coefficients(scales, 1.5, step_generator(0, 5), clip=None, max_norm=None)
+    torch.testing.assert_close(scaled, scales * unit, rtol=1e-12, atol=0)
+
+
+def test_coefficients_are_the_sampler_draws_times_the_scales():
+    scales = torch.tensor([2.0, 0.25], dtype=torch.float64)
+    coef = noise_coefficients(scales, 1.2, step_generator(3, 9), clip=None, max_norm=None)
+    z = sample_symmetric_stable((2,), 1.2, generator=step_generator(3, 9), dtype=torch.float64)
+    torch.testing.assert_close(coef, scales * z, rtol=1e-12, atol=0)
+
+
+def test_step_generator_depends_only_on_seed_and_step():
+    draw = lambda seed, step: torch.rand(4, generator=step_generator(seed, step))  # noqa: E731
+    assert torch.equal(draw(1, 2), draw(1, 2))
+    assert not torch.equal(draw(1, 2), draw(1, 3))
+    assert not torch.equal(draw(1, 2), draw(2, 2))
+    assert not torch.equal(draw(1, 2), draw(2, 1))
+
+
+def test_clip_bounds_each_draw_and_cap_bounds_the_norm():
+    scales = torch.full((64,), 2.0, dtype=torch.float64)
+    clipped = noise_coefficients(scales, 0.5, step_generator(0, 0), clip=3.0, max_norm=None)
+    assert (clipped.abs() <= 6.0 + 1e-12).all() and (clipped.abs() == 6.0).any()
+    capped = noise_coefficients(scales, 0.5, step_generator(0, 0), clip=None, max_norm=1.0)
+    torch.testing.assert_close(capped.norm(), torch.tensor(1.0, dtype=torch.float64))
+    free = noise_coefficients(scales, 0.5, step_generator(0, 0), clip=None, max_norm=None)
+    torch.testing.assert_close(
+        capped, free / free.norm(), rtol=1e-12, atol=0
+    )  # the cap rescales, keeps direction
+
+
+def test_noise_lies_in_the_span_and_its_norm_is_the_coefficient_norm():
+    V = orthonormal(50, 4)
+    coef = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    xi = directional_noise(V, coef)
+    torch.testing.assert_close(V.T @ xi, coef, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xi.norm(), coef.norm(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(xi - V @ (V.T @ xi), torch.zeros(50, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_curvature_weights_follow_root_curvature():
+    w = curvature_weights(torch.tensor([9.0, 4.0, 0.0, -3.0], dtype=torch.float64))
+    torch.testing.assert_close(w, torch.tensor([3.0, 2.0, 0.0, 0.0], dtype=torch.float64) / 13**0.5)
+    uniform = curvature_weights(torch.tensor([-1.0, -2.0], dtype=torch.float64))
+    torch.testing.assert_close(uniform, torch.full((2,), 2**-0.5, dtype=torch.float64))

@@ -1,0 +1,70 @@
+"""HessianSketch: refresh schedule, warm start, failure handling and state round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_levy.sketch import HessianSketch, SketchSettings
+
+
+def planted(dim=60, top=(10.0, 8.0, 6.0), seed=0):
+    """A symmetric matrix with known top eigenvalues in a random orthogonal basis."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    spectrum = torch.cat([torch.tensor(top, dtype=torch.float64), torch.linspace(1.0, -3.0, dim - len(top))])
+    return q @ torch.diag(spectrum) @ q.T, torch.sort(spectrum, descending=True).values
+
+
+def sketch(k=3, iters=40):
+    return HessianSketch(SketchSettings(num_eigenpairs=k, num_iters=iters, tol=1e-8, seed=0, vector_dtype=torch.float64))
+
+
+def test_refresh_finds_the_top_eigenpairs_and_reports_metrics():
+    A, spectrum = planted()
+    s = sketch()
+    metrics = s.refresh(lambda v: A @ v, 60, step=0)
+    torch.testing.assert_close(s.values_K, spectrum[:3], rtol=1e-8, atol=0)
+    assert metrics["curvature/eigenvalue_0"] == pytest.approx(10.0, rel=1e-8)
+    assert metrics["curvature/hvp_count"] > 0 and metrics["curvature/sketch_seconds"] >= 0
+    torch.testing.assert_close(s.vectors_PK.T @ A @ s.vectors_PK, torch.diag(spectrum[:3]), rtol=0, atol=1e-7)
+
+
+def test_due_at_the_first_step_then_every_n():
+    A, _ = planted()
+    s = sketch()
+    assert s.due(0, every=5)
+    s.refresh(lambda v: A @ v, 60, step=0)
+    assert [s.due(t, every=5) for t in range(7)] == [False] * 5 + [True, True]
+
+
+def test_second_refresh_is_warm_started_and_cheaper():
+    A, _ = planted()
+    s = sketch()
+    cold = s.refresh(lambda v: A @ v, 60, step=0)["curvature/hvp_count"]
+    B = A + 1e-3 * planted(seed=1)[0]  # the Hessian moved a little
+    warm = s.refresh(lambda v: B @ v, 60, step=5)["curvature/hvp_count"]
+    assert warm < cold
+    torch.testing.assert_close(s.values_K, torch.linalg.eigvalsh(B).flip(0)[:3], rtol=1e-8, atol=0)
+
+
+def test_a_non_finite_refresh_is_discarded_and_the_last_good_sketch_kept():
+    A, _ = planted()
+    s = sketch()
+    s.refresh(lambda v: A @ v, 60, step=0)
+    good = (s.values_K.clone(), s.vectors_PK.clone())
+    with pytest.warns(UserWarning, match="discarded"):
+        metrics = s.refresh(lambda v: A @ v * float("nan"), 60, step=5)
+    assert metrics == {} and s.step == 0
+    assert torch.equal(s.values_K, good[0]) and torch.equal(s.vectors_PK, good[1])
+
+
+def test_state_round_trip():
+    A, _ = planted()
+    s = sketch()
+    s.refresh(lambda v: A @ v, 60, step=4)
+    restored = sketch()
+    restored.load_state_dict(s.state_dict())
+    assert restored.step == 4 and torch.equal(restored.vectors_PK, s.vectors_PK)
+    assert torch.equal(restored.values_K, s.values_K)
+    assert sketch().state_dict() == {}
