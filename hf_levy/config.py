@@ -1,0 +1,152 @@
+"""LevyConfig: the TrainingArguments of LevyTrainer, and LevyArguments, its levy fields alone.
+
+``LevyArguments`` carries only the fields this library adds, so that users of another Trainer
+subclass (TRL's ``SFTTrainer``) can hand them to :class:`hf_levy.LevyCallback`. ``LevyConfig`` is
+``TrainingArguments`` plus those fields, the way TRL's ``SFTConfig`` extends it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import TrainingArguments
+
+HVP_METHODS = ("auto", "autograd", "finite_difference")
+SCALE_MODES = ("relative", "absolute")
+
+
+@dataclass
+class LevyArguments:
+    """The hf_levy fields. See docs/concepts.md for the noise formula and units."""
+
+    # Parameters of the noise
+    levy_alpha: float = field(
+        default=1.5,
+        metadata={
+            "help": "Tail index α of the symmetric α-stable noise, in (0, 2]: 2 is Gaussian, smaller is heavier-tailed."
+        },
+    )
+    levy_scale: float = field(
+        default=0.1,
+        metadata={
+            "help": "Noise scale s >= 0; 0 turns the noise off (the sketch still runs and logs). With "
+            "levy_scale_mode='relative' the per-direction scales c have ‖c‖ = s·‖g‖ (g the clipped gradient); "
+            "with 'absolute', ‖c‖ = s in gradient units."
+        },
+    )
+    levy_scale_mode: Literal["relative", "absolute"] = field(
+        default="relative",
+        metadata={
+            "help": "'relative': noise scales proportional to the gradient norm; 'absolute': fixed scales."
+        },
+    )
+    levy_clip: float | None = field(
+        default=10.0,
+        metadata={
+            "help": "Per-draw truncation: each α-stable draw z_i is clipped to [-levy_clip, levy_clip]. None: off."
+        },
+    )
+    levy_max_noise_ratio: float | None = field(
+        default=1.0,
+        metadata={
+            "help": "Cap on the noise norm relative to the gradient norm, ‖ξ‖ <= ratio·‖g‖. None: off."
+        },
+    )
+    levy_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the noise draws and of the sketch batches; default: the Trainer's `seed`."
+        },
+    )
+    levy_virtual_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Batch size whose gradient noise the injected noise imitates (calibration); None: off."
+        },
+    )
+    # Parameters of the Hessian sketch
+    num_eigenpairs: int = field(
+        default=8, metadata={"help": "K, the number of top Hessian eigenpairs the noise lives in."}
+    )
+    sketch_every_n_steps: int = field(
+        default=50, metadata={"help": "Refresh the Hessian sketch every N optimizer steps (first at step 0)."}
+    )
+    sketch_batch_size: int = field(
+        default=32,
+        metadata={"help": "Examples in the sketch batch, drawn from the train set with the levy seed."},
+    )
+    lanczos_num_iters: int = field(
+        default=48,
+        metadata={
+            "help": "Maximum Lanczos iterations (Hessian-vector products) per sketch; >= num_eigenpairs."
+        },
+    )
+    lanczos_tol: float = field(
+        default=1e-3,
+        metadata={"help": "Lanczos stops once every top-K Ritz pair has relative residual <= tol."},
+    )
+    hvp_method: Literal["auto", "autograd", "finite_difference"] = field(
+        default="auto",
+        metadata={
+            "help": "Hessian-vector products: 'autograd' (exact double backward), 'finite_difference' (two "
+            "gradients, works with fused attention and FSDP), or 'auto' (exact where the model supports it)."
+        },
+    )
+
+    def validate_levy_arguments(self) -> None:
+        """Raise ValueError naming the field, the bad value, the allowed range and the fix."""
+        _check(0 < self.levy_alpha <= 2, "levy_alpha", self.levy_alpha, "in (0, 2]", "2 is Gaussian; try 1.5")
+        _check(self.levy_scale >= 0, "levy_scale", self.levy_scale, ">= 0", "use 0 to turn the noise off")
+        _check(
+            self.levy_scale_mode in SCALE_MODES,
+            "levy_scale_mode",
+            self.levy_scale_mode,
+            f"one of {SCALE_MODES}",
+        )
+        for name in ("levy_clip", "levy_max_noise_ratio"):
+            value = getattr(self, name)
+            _check(
+                value is None or value > 0, name, value, "> 0 or None", "use None to turn this truncation off"
+            )
+        for name in ("num_eigenpairs", "sketch_every_n_steps", "sketch_batch_size", "lanczos_num_iters"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
+        _check(
+            self.lanczos_num_iters >= self.num_eigenpairs,
+            "lanczos_num_iters",
+            self.lanczos_num_iters,
+            f">= num_eigenpairs ({self.num_eigenpairs})",
+            "raise lanczos_num_iters (about 4x num_eigenpairs + 10) or lower num_eigenpairs",
+        )
+        _check(self.lanczos_tol > 0, "lanczos_tol", self.lanczos_tol, "> 0")
+        _check(self.hvp_method in HVP_METHODS, "hvp_method", self.hvp_method, f"one of {HVP_METHODS}")
+        vbs = self.levy_virtual_batch_size
+        _check(
+            vbs is None or (isinstance(vbs, int) and vbs >= 1), "levy_virtual_batch_size", vbs, "None or >= 1"
+        )
+
+    def __post_init__(self) -> None:
+        self.validate_levy_arguments()
+
+
+def _check(ok: bool, name: str, value: object, allowed: str, fix: str = "") -> None:
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if not (ok and finite):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}" + (f": {fix}" if fix else ""))
+
+
+@dataclass
+class LevyConfig(LevyArguments, TrainingArguments):
+    """``TrainingArguments`` plus the :class:`LevyArguments` fields, validated at construction.
+
+    The bases are in this order so that the dataclass fields keep ``TrainingArguments``' order first
+    (``LevyConfig("out")`` sets ``output_dir``, as with ``TrainingArguments``).
+    """
+
+    def __post_init__(self) -> None:
+        TrainingArguments.__post_init__(self)
+        self.validate_levy_arguments()
+        if self.levy_seed is None:
+            self.levy_seed = self.seed
