@@ -12,7 +12,9 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 torch.set_num_threads(1)
 
 
-def tiny_llama(vocab_size: int = 16, hidden_size: int = 8, layers: int = 1, attn: str = "eager", seed: int = 0, **kw):
+def tiny_llama(
+    vocab_size: int = 16, hidden_size: int = 8, layers: int = 1, attn: str = "eager", seed: int = 0, **kw
+):
     """A LlamaForCausalLM small enough for a dense Hessian (about a thousand parameters at the defaults)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

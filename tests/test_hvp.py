@@ -39,7 +39,11 @@ def dense_hessian(model, batch, params, loss_of_output=lambda out: out["loss"]):
     was_training = model.training
     model.eval()
     try:
-        return jacrev(jacrev(loss))(flat) if model.__class__.__name__.startswith("Llama") else hessian(loss)(flat)
+        return (
+            jacrev(jacrev(loss))(flat)
+            if model.__class__.__name__.startswith("Llama")
+            else hessian(loss)(flat)
+        )
     finally:
         model.train(was_training)
 
@@ -154,7 +158,9 @@ def test_dropout_is_off_during_products():
     model, batch, params = mlp_problem()
     model.train()
     hvp = make_hvp(model, batch, params, reuse_graph=False)
-    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(
+        sum(p.numel() for p in params), dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(hvp(v), hvp(v), rtol=0, atol=0)
     torch.testing.assert_close(hvp(v), dense_hessian(model, batch, params) @ v, rtol=1e-10, atol=1e-12)
 
@@ -164,7 +170,9 @@ def test_sdpa_model_raises_a_clear_error_for_autograd():
     ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids}
     with pytest.raises(DoubleBackwardError, match="finite_difference"):
-        make_hvp(model, batch, trainable_parameters(model))(torch.ones(sum(p.numel() for p in model.parameters())))
+        make_hvp(model, batch, trainable_parameters(model))(
+            torch.ones(sum(p.numel() for p in model.parameters()))
+        )
     # and the finite-difference product works on the very same model
     out = make_hvp(model, batch, trainable_parameters(model), method="finite_difference")(
         torch.ones(sum(p.numel() for p in model.parameters()))

@@ -1,0 +1,274 @@
+"""LevyCallback: the Hessian sketch and the α-stable noise, wired into any transformers Trainer.
+
+Where it acts in the loop (transformers 5.x ``Trainer._run_epoch``, see shared/notes/hf_internals.md):
+
+* ``on_step_begin`` (once per optimizer step, before its first micro-batch): refresh the sketch when due.
+  Products use ``torch.autograd.grad`` on the unwrapped model, so ``.grad``, DDP buckets and the
+  gradient-accumulation state are untouched.
+* ``on_pre_optimizer_step`` (once per optimizer step, after accumulation, the DDP all-reduce, fp16
+  unscaling and ``max_grad_norm`` clipping, right before ``optimizer.step()``): add ξ to ``.grad``.
+* ``on_log``: merge the ``curvature/`` and ``levy/`` metrics into the training log entry.
+* checkpoints: ``levy_state.safetensors`` is written into each checkpoint and read back on resume.
+
+Legend: P trainable parameters (flat), K eigenpairs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import TrainerCallback
+
+from hf_levy.config import LevyArguments
+from hf_levy.hvp import DoubleBackwardError, LossFn, make_hvp
+from hf_levy.noise import curvature_weights, directional_noise, noise_coefficients, step_generator
+from hf_levy.params import num_elements, trainable_parameters, unflatten
+from hf_levy.sketch import HessianSketch, SketchSettings
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "levy_state.safetensors"
+# Independent streams of the levy seed: noise draws use (seed, step), sketch batches (seed + this, step).
+_SKETCH_BATCH_STREAM = 0xBA7C
+
+
+class LevyCallback(TrainerCallback):
+    """Adds Hessian-shaped α-stable noise to the gradients of a Trainer's trainable parameters.
+
+    Use :class:`hf_levy.LevyTrainer`, or attach this to another Trainer subclass (e.g. TRL's SFTTrainer)::
+
+        trainer = SFTTrainer(model=model, args=sft_config, train_dataset=ds)
+        LevyCallback(LevyArguments(levy_alpha=1.5, levy_scale=0.1)).attach(trainer)
+
+    Args:
+        levy_args: the levy fields (a :class:`LevyConfig` or a plain :class:`LevyArguments`).
+        loss_fn: ``(model, batch) -> loss`` for the sketch; default ``model(**batch).loss``.
+    """
+
+    def __init__(self, levy_args: LevyArguments, *, loss_fn: LossFn | None = None):
+        levy_args.validate_levy_arguments()
+        if levy_args.levy_virtual_batch_size is not None:
+            raise NotImplementedError(
+                f"levy_virtual_batch_size={levy_args.levy_virtual_batch_size}: virtual-batch calibration is not "
+                "available in this version; leave it None and set levy_scale instead"
+            )
+        self.levy = levy_args
+        self.loss_fn = loss_fn
+        self.sketch: HessianSketch | None = None
+        self.hvp_method: str | None = None if levy_args.hvp_method == "auto" else levy_args.hvp_method
+        self.params: list[nn.Parameter] = []
+        self.noise_draws = 0  # optimizer steps that received noise (tests count these)
+        self._pending_state: dict[str, Tensor] | None = None
+        self._sketch_metrics: dict[str, float] = {}
+        self._noise_log: list[tuple[float, float]] = []  # (‖ξ‖, ‖ξ‖/‖g‖) per step since the last log
+        self._skipped_nonfinite = 0
+
+    # ------------------------------------------------------------------ wiring
+    def attach(self, trainer: Any) -> LevyCallback:
+        """Install into ``trainer``: first in the callback list (so loggers see the metrics) and around
+        its checkpoint save/load. Returns self."""
+        if getattr(trainer, "is_deepspeed_enabled", False):
+            raise ValueError(
+                "hf_levy does not support DeepSpeed: it runs the optimizer step inside backward, before any "
+                "callback can add noise. Use DDP (`accelerate launch --multi_gpu`) or FSDP instead."
+            )
+        trainer.callback_handler.callbacks.insert(0, self)
+        save_checkpoint, load_optimizer = trainer._save_checkpoint, trainer._load_optimizer_and_scheduler
+
+        def _save_checkpoint(model, trial):
+            self.save_state(
+                os.path.join(trainer._get_output_dir(trial=trial), f"checkpoint-{trainer.state.global_step}"),
+                trainer.args,
+            )
+            save_checkpoint(model, trial)
+
+        def _load_optimizer_and_scheduler(checkpoint):
+            load_optimizer(checkpoint)
+            self.load_state(checkpoint)
+
+        trainer._save_checkpoint = _save_checkpoint
+        trainer._load_optimizer_and_scheduler = _load_optimizer_and_scheduler
+        return self
+
+    def save_state(self, checkpoint_dir: str, args: Any) -> None:
+        """Write the sketch into ``checkpoint_dir`` (main process only; vectors are identical on all ranks)."""
+        if self.sketch is None or not self.sketch.ready or not args.should_save:
+            return
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.sketch.state_dict().items()}
+        save_file(
+            state, os.path.join(checkpoint_dir, STATE_FILE), metadata={"hvp_method": str(self.hvp_method)}
+        )
+
+    def load_state(self, checkpoint_dir: str | None) -> None:
+        """Read the sketch saved in ``checkpoint_dir``; it is installed when training begins."""
+        path = os.path.join(checkpoint_dir, STATE_FILE) if checkpoint_dir else None
+        if path and os.path.isfile(path):
+            self._pending_state = load_file(path)
+        elif checkpoint_dir:
+            logger.warning(
+                "%s has no %s: the Hessian sketch is recomputed at the next step", checkpoint_dir, STATE_FILE
+            )
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        self.model = model
+        self.params = trainable_parameters(model)
+        if not self.params:
+            raise ValueError(
+                "the model has no trainable parameters (requires_grad=True): nothing to sketch or perturb"
+            )
+        self.dim = num_elements(self.params)
+        self.seed = self.levy.levy_seed if self.levy.levy_seed is not None else args.seed
+        self.dataset = train_dataloader.dataset
+        self.collate_fn = train_dataloader.collate_fn
+        if not hasattr(self.dataset, "__getitem__") or not hasattr(self.dataset, "__len__"):
+            raise ValueError(
+                "the sketch batch is drawn by index: LevyTrainer needs a map-style train_dataset"
+            )
+        if len(self.dataset) < self.levy.sketch_batch_size:
+            raise ValueError(
+                f"sketch_batch_size={self.levy.sketch_batch_size} exceeds the {len(self.dataset)} training examples; "
+                "lower sketch_batch_size"
+            )
+        vector_dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
+        self.sketch = HessianSketch(
+            SketchSettings(
+                num_eigenpairs=min(self.levy.num_eigenpairs, self.dim),
+                num_iters=min(self.levy.lanczos_num_iters, self.dim),
+                tol=self.levy.lanczos_tol,
+                seed=self.seed,
+                vector_dtype=vector_dtype,
+                vector_device=self.params[0].device,
+            )
+        )
+        if self._pending_state is not None:
+            self._pending_state["vectors"] = self._pending_state["vectors"].to(
+                self.params[0].device, vector_dtype
+            )
+            self.sketch.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.sketch.due(state.global_step, self.levy.sketch_every_n_steps):
+            self._sketch_metrics = self.refresh_sketch(state.global_step)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.levy.levy_scale == 0 or not self.sketch.ready:
+            return
+        self.add_noise(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if (
+            logs is None or "loss" not in logs
+        ):  # only the periodic training logs, not eval or the final summary
+            return
+        metrics = dict(self._sketch_metrics)
+        if self._noise_log:
+            norms, ratios = zip(*self._noise_log, strict=True)
+            metrics["levy/noise_norm"] = sum(norms) / len(norms)
+            metrics["levy/noise_to_grad_ratio"] = sum(ratios) / len(ratios)
+            metrics["levy/alpha"] = float(self.levy.levy_alpha)
+        if self._skipped_nonfinite:
+            metrics["levy/skipped_nonfinite_steps"] = float(self._skipped_nonfinite)
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+        self._sketch_metrics, self._noise_log, self._skipped_nonfinite = {}, [], 0
+
+    # ------------------------------------------------------------------ stages
+    def sketch_batch(self, step: int) -> dict[str, Any]:
+        """This rank's share of the sketch batch of ``step``: the same global draw on every rank."""
+        generator = step_generator(self.seed + _SKETCH_BATCH_STREAM, step)
+        indices = torch.randperm(len(self.dataset), generator=generator)[
+            : self.levy.sketch_batch_size
+        ].tolist()
+        rank, world = _rank_and_world()
+        return self.collate_fn([self.dataset[i] for i in indices[rank::world]])
+
+    def refresh_sketch(self, step: int) -> dict[str, float]:
+        """Recompute the eigenpairs on this step's sketch batch; returns the curvature metrics."""
+        batch = self.sketch_batch(step)
+        share = _count_examples(batch)
+        if self.hvp_method is None:  # "auto": exact products unless the model cannot differentiate twice
+            try:
+                metrics = self.sketch.refresh(self._matvec(batch, share, "autograd"), self.dim, step)
+                self.hvp_method = "autograd"
+                logger.info("hf_levy: hvp_method='auto' chose exact double-backward products")
+                return metrics
+            except DoubleBackwardError as err:
+                self.hvp_method = "finite_difference"
+                logger.warning(
+                    "hf_levy: hvp_method='auto' chose finite differences (%s)", str(err).split(". ")[0]
+                )
+        return self.sketch.refresh(self._matvec(batch, share, self.hvp_method), self.dim, step)
+
+    def _matvec(self, batch: Mapping[str, Any], share: int, method: str) -> Callable[[Tensor], Tensor]:
+        """v ↦ H v averaged over the ranks' shares of the sketch batch (weighted by their example counts)."""
+        hvp = make_hvp(self.model, batch, self.params, method=method, loss_fn=self.loss_fn)
+        rank, world = _rank_and_world()
+        if world == 1:
+            return hvp
+        total = torch.tensor(float(share), dtype=torch.float64, device=self.params[0].device)
+        dist.all_reduce(total)
+
+        def averaged(v_P: Tensor) -> Tensor:
+            hv_P = hvp(v_P) * (share / total.item())
+            dist.all_reduce(hv_P)
+            return hv_P
+
+        return averaged
+
+    def add_noise(self, step: int) -> None:
+        """g ← g + ξ with ξ = V · coef (see hf_levy.noise); skipped when the gradient is not finite."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        # The only host sync of the step: the noise scale and its cap are relative to ‖g‖.
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double()).item()
+        if not math.isfinite(grad_norm):
+            self._skipped_nonfinite += 1  # fp16 overflow: the optimizer skips this step, so no noise either
+            return
+        levy = self.levy
+        unit = grad_norm if levy.levy_scale_mode == "relative" else 1.0
+        scales_K = levy.levy_scale * unit * curvature_weights(self.sketch.values_K)
+        max_norm = levy.levy_max_noise_ratio * grad_norm if levy.levy_max_noise_ratio is not None else None
+        coef_K = noise_coefficients(
+            scales_K, levy.levy_alpha, step_generator(self.seed, step), clip=levy.levy_clip, max_norm=max_norm
+        )
+        # Orthonormal columns give |ξ_j| <= ‖ξ‖ = ‖coef‖, so checking the K coefficients on the host rules
+        # out an overflow anywhere in ξ. Only reachable with truncation off: such a draw is dropped.
+        noise_norm = coef_K.norm().item()
+        if not noise_norm < min(torch.finfo(g.dtype).max for g in grads) / 2:
+            logger.warning("hf_levy: step %d: the noise overflows the gradient dtype and is skipped", step)
+            self._skipped_nonfinite += 1
+            return
+        xi_P = directional_noise(self.sketch.vectors_PK, coef_K)
+        for p, xi in zip(self.params, unflatten(xi_P, self.params), strict=True):
+            if p.grad is None:
+                p.grad = xi.to(p.dtype).clone()
+            else:
+                p.grad.add_(xi.to(p.grad.dtype))
+        self._noise_log.append((noise_norm, noise_norm / grad_norm if grad_norm > 0 else 0.0))
+        self.noise_draws += 1
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _count_examples(batch: Mapping[str, Any]) -> int:
+    for value in batch.values():
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError("the collated sketch batch holds no tensor with a batch dimension")

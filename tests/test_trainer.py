@@ -1,0 +1,201 @@
+"""LevyTrainer inside the stock training loop: one fact per test, tiny Llama on CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from trainer_utils import flat_params, model, run_levy, run_stock, token_dataset
+from transformers import TrainerCallback, TrainingArguments, default_data_collator
+
+import hf_levy.callback
+from hf_levy import LevyConfig, LevyTrainer
+
+
+def test_scale_zero_is_bitwise_the_stock_trainer_with_the_sketch_running(tmp_path):
+    stock = run_stock(tmp_path)
+    levy = run_levy(tmp_path, levy_scale=0.0)
+    assert torch.equal(flat_params(stock), flat_params(levy))
+    assert [h["loss"] for h in stock.state.log_history if "loss" in h] == [
+        h["loss"] for h in levy.state.log_history if "loss" in h
+    ]
+    sketched = [h for h in levy.state.log_history if "curvature/eigenvalue_0" in h]
+    assert [h["step"] for h in sketched] == [1, 4], "the sketch ran at steps 0 and 3 (logged at 1 and 4)"
+
+
+def test_same_seed_twice_is_bitwise_equal(tmp_path):
+    first = run_levy(tmp_path, name="a", levy_scale=0.5)
+    second = run_levy(tmp_path, name="b", levy_scale=0.5)
+    assert torch.equal(flat_params(first), flat_params(second))
+
+
+def test_noise_moves_every_trainable_parameter_and_logs_metrics(tmp_path):
+    initial = [p.detach().clone() for p in model().parameters()]
+    stock = run_stock(tmp_path)
+    levy = run_levy(tmp_path, levy_scale=0.5)
+    for (name, p), p0, q in zip(
+        levy.model.named_parameters(), initial, stock.model.parameters(), strict=True
+    ):
+        assert not torch.equal(p.detach(), p0), f"{name} did not move"
+        assert not torch.equal(p.detach(), q.detach()), f"{name} is the same as without noise"
+    first = next(h for h in levy.state.log_history if "loss" in h)
+    for key in (
+        "curvature/eigenvalue_0",
+        "curvature/eigenvalue_1",
+        "curvature/lanczos_residual",
+        "curvature/hvp_count",
+        "curvature/sketch_seconds",
+        "levy/noise_norm",
+        "levy/noise_to_grad_ratio",
+    ):
+        assert key in first and math.isfinite(first[key]), key
+    assert first["curvature/eigenvalue_0"] >= first["curvature/eigenvalue_1"]
+    assert 0 < first["levy/noise_to_grad_ratio"] <= 1.0 + 1e-9  # the default cap is ‖ξ‖ <= ‖g‖
+
+
+def test_resume_from_a_mid_run_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    # Sketches at steps 0 and 4, checkpoint at 3: the resumed run must use the saved sketch of step 0
+    # on step 3 and warm-start the step-4 sketch from it.
+    settings = dict(levy_scale=0.5, sketch_every_n_steps=4, save_strategy="steps", save_steps=3)
+    full = run_levy(tmp_path, name="full", **settings)
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    saved = load_file(str(checkpoint / "levy_state.safetensors"))
+    assert int(saved["step"]) == 0 and saved["vectors"].shape[1] == 2
+    resumed = run_levy(tmp_path, name="resumed", resume=str(checkpoint), **settings)
+    assert torch.equal(flat_params(full), flat_params(resumed))
+
+
+class StepCounter(TrainerCallback):
+    def __init__(self):
+        self.optimizer_steps = 0
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.optimizer_steps += 1
+
+
+def test_noise_is_drawn_once_per_optimizer_step_with_gradient_accumulation(tmp_path, monkeypatch):
+    draws = []
+    real = hf_levy.callback.noise_coefficients
+    monkeypatch.setattr(
+        hf_levy.callback, "noise_coefficients", lambda *a, **k: draws.append(1) or real(*a, **k)
+    )
+    args = LevyConfig(
+        output_dir=str(tmp_path / "ga"),
+        max_steps=4,
+        gradient_accumulation_steps=3,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        num_eigenpairs=2,
+        lanczos_num_iters=6,
+        sketch_batch_size=4,
+    )
+    counter = StepCounter()
+    trainer = LevyTrainer(
+        model=model(),
+        args=args,
+        train_dataset=token_dataset(),
+        data_collator=default_data_collator,
+        callbacks=[counter],
+    )
+    trainer.train()
+    assert counter.optimizer_steps == 4
+    assert len(draws) == 4
+
+
+def test_heavy_tails_never_give_a_non_finite_loss_or_parameter(tmp_path):
+    # Plain SGD passes the noise through unnormalized, so an untruncated draw would blow up the weights.
+    trainer = run_levy(tmp_path, max_steps=8, levy_alpha=0.8, levy_scale=1e4, optim="sgd", learning_rate=0.05)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    assert torch.isfinite(flat_params(trainer)).all()
+    ratios = [
+        h["levy/noise_to_grad_ratio"] for h in trainer.state.log_history if "levy/noise_to_grad_ratio" in h
+    ]
+    assert max(ratios) <= 1.0 + 1e-9
+
+
+def test_noise_that_overflows_the_gradient_dtype_is_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        hf_levy.callback, "noise_coefficients", lambda scales, *a, **k: torch.full_like(scales, 1e300)
+    )
+    stock = run_stock(tmp_path, max_steps=3)
+    levy = run_levy(tmp_path, max_steps=3, levy_clip=None, levy_max_noise_ratio=None)
+    assert torch.equal(flat_params(stock), flat_params(levy))
+    assert [h.get("levy/skipped_nonfinite_steps") for h in levy.state.log_history if "loss" in h] == [1.0] * 3
+
+
+def test_lora_frozen_parameters_get_neither_curvature_nor_noise(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = model()
+    lora = peft.get_peft_model(
+        base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
+    frozen_before = {n: p.detach().clone() for n, p in lora.named_parameters() if not p.requires_grad}
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    args = LevyConfig(output_dir=str(tmp_path / "lora"), max_steps=4, **_small(levy_scale=0.5))
+    trainer = LevyTrainer(
+        model=lora, args=args, train_dataset=token_dataset(), data_collator=default_data_collator
+    )
+    trainer.train()
+    assert trainer.levy_callback.sketch.vectors_PK.shape == (trainable, 2)
+    for n, p in lora.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p.detach(), frozen_before[n]), n
+            assert p.grad is None, n
+    assert trainer.levy_callback.noise_draws == 4
+
+
+def test_sdpa_model_works_through_auto_with_finite_differences(tmp_path):
+    trainer = run_levy(tmp_path, max_steps=3, levy_scale=0.5, model_kwargs={"attn": "sdpa"})
+    assert trainer.levy_callback.hvp_method == "finite_difference"
+    first = next(h for h in trainer.state.log_history if "loss" in h)
+    assert math.isfinite(first["curvature/eigenvalue_0"]) and first["curvature/eigenvalue_0"] > 0
+
+
+def test_eager_model_gets_exact_products_through_auto(tmp_path):
+    trainer = run_levy(tmp_path, max_steps=1, levy_scale=0.5)
+    assert trainer.levy_callback.hvp_method == "autograd"
+
+
+def test_bf16_autocast_and_non_reentrant_checkpointing(tmp_path):
+    trainer = run_levy(tmp_path, max_steps=3, levy_scale=0.5, bf16=True, gradient_checkpointing=True)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert trainer.levy_callback.noise_draws == 3
+
+
+def test_trainer_rejects_plain_training_arguments(tmp_path):
+    with pytest.raises(TypeError, match="LevyConfig"):
+        LevyTrainer(
+            model=model(), args=TrainingArguments(output_dir=str(tmp_path)), train_dataset=token_dataset()
+        )
+
+
+def _small(**kw):
+    from trainer_utils import COMMON, SKETCH
+
+    return {**COMMON, **SKETCH, **kw}
+
+
+class PoisonGradients(TrainerCallback):
+    """Makes one gradient entry infinite right before the optimizer step, as an fp16 overflow would."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        next(model.parameters()).grad.view(-1)[0] = float("inf")
+
+
+def test_steps_with_non_finite_gradients_get_no_noise(tmp_path):
+    args = LevyConfig(output_dir=str(tmp_path / "inf"), max_steps=2, **_small(levy_scale=0.5))
+    trainer = LevyTrainer(
+        model=model(), args=args, train_dataset=token_dataset(), data_collator=default_data_collator
+    )
+    trainer.callback_handler.callbacks.insert(0, PoisonGradients())  # runs before the levy callback
+    trainer.train()
+    assert trainer.levy_callback.noise_draws == 0
+    logged = [h.get("levy/skipped_nonfinite_steps") for h in trainer.state.log_history if "loss" in h]
+    assert logged == [1.0, 1.0]
