@@ -78,10 +78,14 @@ def make_hvp(
         raise ValueError(f"method must be 'autograd' or 'finite_difference', got {method!r}")
     params = list(params)
     if not params:
-        raise ValueError("params is empty: pass the trainable parameters (e.g. hf_levy.trainable_parameters(model))")
+        raise ValueError(
+            "params is empty: pass the trainable parameters (e.g. hf_levy.trainable_parameters(model))"
+        )
     for i, p in enumerate(params):
         if not p.requires_grad:
-            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) does not require grad; pass trainable parameters only")
+            raise ValueError(
+                f"params[{i}] (shape {tuple(p.shape)}) does not require grad; pass trainable parameters only"
+            )
     if fd_step is not None and not fd_step > 0:
         raise ValueError(f"fd_step must be > 0, got {fd_step}")
     device = params[0].device
@@ -166,7 +170,9 @@ def _explain(err: RuntimeError) -> RuntimeError:
     return err
 
 
-def _autograd_hvp(closure: _LossClosure, params: list[Tensor], reuse_graph: bool) -> Callable[[Tensor], Tensor]:
+def _autograd_hvp(
+    closure: _LossClosure, params: list[Tensor], reuse_graph: bool
+) -> Callable[[Tensor], Tensor]:
     def first_order_graph() -> list[Tensor]:
         with closure.frozen_state():
             return _grad([closure()], params, create_graph=True)
@@ -213,7 +219,9 @@ def _finite_difference_hvp(
         if norm == 0.0:
             return torch.zeros_like(v_P)
         eps = step / norm
-        shift = [d.to(p.dtype) for d, p in zip(unflatten(v_P.to(work_dtype) * eps, params), params, strict=True)]
+        shift = [
+            d.to(p.dtype) for d, p in zip(unflatten(v_P.to(work_dtype) * eps, params), params, strict=True)
+        ]
         saved = [p.detach().clone() for p in params]
         try:
             g_plus = gradient_at(shift, 1.0, saved)
