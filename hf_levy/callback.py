@@ -160,6 +160,12 @@ class LevyCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self.sketch.due(state.global_step, self.levy.sketch_every_n_steps):
             self._sketch_metrics = self.refresh_sketch(state.global_step)
+            if _rank_and_world()[1] > 1 and self.sketch.ready:
+                # Every rank ran the same Lanczos on the same averaged products, so the vectors already
+                # agree; the broadcast makes that a guarantee, since replicas whose noise differed would
+                # silently drift apart.
+                dist.broadcast(self.sketch.vectors_PK, src=0)
+                dist.broadcast(self.sketch.values_K, src=0)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.levy.levy_scale == 0 or not self.sketch.ready:
