@@ -3,14 +3,16 @@
 Where it acts in the loop (transformers 5.x ``Trainer._run_epoch``, see shared/notes/hf_internals.md):
 
 * ``on_step_begin`` (once per optimizer step, before its first micro-batch): refresh the sketch when due.
-  Products use ``torch.autograd.grad`` on the unwrapped model, so ``.grad``, DDP buckets and the
+  Products never write ``.grad`` (FSDP's are saved and restored), so DDP buckets and the
   gradient-accumulation state are untouched.
-* ``on_pre_optimizer_step`` (once per optimizer step, after accumulation, the DDP all-reduce, fp16
-  unscaling and ``max_grad_norm`` clipping, right before ``optimizer.step()``): add ξ to ``.grad``.
+* ``on_pre_optimizer_step`` (once per optimizer step, after accumulation, the DDP all-reduce or FSDP
+  reduce-scatter, fp16 unscaling and ``max_grad_norm`` clipping, right before ``optimizer.step()``):
+  add ξ to ``.grad``.
 * ``on_log``: merge the ``curvature/`` and ``levy/`` metrics into the training log entry.
-* checkpoints: ``levy_state.safetensors`` is written into each checkpoint and read back on resume.
+* checkpoints: ``levy_state.safetensors`` (FSDP: one file per rank) is written into each checkpoint and
+  read back on resume.
 
-Legend: P trainable parameters (flat), K eigenpairs.
+Legend: P trainable parameters (flat; this rank's padded piece under FSDP), K eigenpairs.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from transformers import TrainerCallback
 from hf_levy.config import LevyArguments
 from hf_levy.hvp import DoubleBackwardError, LossFn, make_hvp
 from hf_levy.noise import curvature_weights, directional_noise, noise_coefficients, step_generator
-from hf_levy.params import num_elements, trainable_parameters, unflatten
+from hf_levy.params import ParameterSpace, sum_over_ranks, trainable_parameters
 from hf_levy.sketch import HessianSketch, SketchSettings
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "levy_state.safetensors"
+SHARDED_STATE_FILE = "levy_state_rank{rank}.safetensors"  # FSDP: each rank keeps its piece of the vectors
 # Independent streams of the levy seed: noise draws use (seed, step), sketch batches (seed + this, step).
 _SKETCH_BATCH_STREAM = 0xBA7C
 
@@ -63,6 +66,7 @@ class LevyCallback(TrainerCallback):
         self.levy = levy_args
         self.loss_fn = loss_fn
         self.sketch: HessianSketch | None = None
+        self.space: ParameterSpace | None = None
         self.hvp_method: str | None = None if levy_args.hvp_method == "auto" else levy_args.hvp_method
         self.params: list[nn.Parameter] = []
         self.noise_draws = 0  # optimizer steps that received noise (tests count these)
@@ -84,10 +88,8 @@ class LevyCallback(TrainerCallback):
         save_checkpoint, load_optimizer = trainer._save_checkpoint, trainer._load_optimizer_and_scheduler
 
         def _save_checkpoint(model, trial):
-            self.save_state(
-                os.path.join(trainer._get_output_dir(trial=trial), f"checkpoint-{trainer.state.global_step}"),
-                trainer.args,
-            )
+            name = f"checkpoint-{trainer.state.global_step}"
+            self.save_state(os.path.join(trainer._get_output_dir(trial=trial), name), trainer.args)
             save_checkpoint(model, trial)
 
         def _load_optimizer_and_scheduler(checkpoint):
@@ -99,24 +101,26 @@ class LevyCallback(TrainerCallback):
         return self
 
     def save_state(self, checkpoint_dir: str, args: Any) -> None:
-        """Write the sketch into ``checkpoint_dir`` (main process only; vectors are identical on all ranks)."""
-        if self.sketch is None or not self.sketch.ready or not args.should_save:
+        """Write the sketch into ``checkpoint_dir``: by the main process (vectors identical on all ranks),
+        or under FSDP by every rank, each its piece of the vectors."""
+        if self.sketch is None or not self.sketch.ready or not (self.space.sharded or args.should_save):
             return
         os.makedirs(checkpoint_dir, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.sketch.state_dict().items()}
-        save_file(
-            state, os.path.join(checkpoint_dir, STATE_FILE), metadata={"hvp_method": str(self.hvp_method)}
-        )
+        path = _state_file(checkpoint_dir, self.space.sharded)
+        save_file(state, path, metadata={"hvp_method": str(self.hvp_method)})
 
     def load_state(self, checkpoint_dir: str | None) -> None:
         """Read the sketch saved in ``checkpoint_dir``; it is installed when training begins."""
-        path = os.path.join(checkpoint_dir, STATE_FILE) if checkpoint_dir else None
-        if path and os.path.isfile(path):
-            self._pending_state = load_file(path)
-        elif checkpoint_dir:
-            logger.warning(
-                "%s has no %s: the Hessian sketch is recomputed at the next step", checkpoint_dir, STATE_FILE
-            )
+        if not checkpoint_dir:
+            return
+        for path in (_state_file(checkpoint_dir, sharded=True), _state_file(checkpoint_dir, sharded=False)):
+            if os.path.isfile(path):
+                self._pending_state = load_file(path)
+                return
+        logger.warning(
+            "%s has no %s: the Hessian sketch is recomputed at the next step", checkpoint_dir, STATE_FILE
+        )
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
@@ -126,7 +130,9 @@ class LevyCallback(TrainerCallback):
             raise ValueError(
                 "the model has no trainable parameters (requires_grad=True): nothing to sketch or perturb"
             )
-        self.dim = num_elements(self.params)
+        self.space = ParameterSpace(self.params)
+        if self.space.sharded:
+            self._check_sharded_settings()
         self.seed = self.levy.levy_seed if self.levy.levy_seed is not None else args.seed
         self.dataset = train_dataloader.dataset
         self.collate_fn = train_dataloader.collate_fn
@@ -136,36 +142,50 @@ class LevyCallback(TrainerCallback):
             )
         if len(self.dataset) < self.levy.sketch_batch_size:
             raise ValueError(
-                f"sketch_batch_size={self.levy.sketch_batch_size} exceeds the {len(self.dataset)} training examples; "
-                "lower sketch_batch_size"
+                f"sketch_batch_size={self.levy.sketch_batch_size} exceeds the {len(self.dataset)} training "
+                "examples; lower sketch_batch_size"
             )
         vector_dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
         self.sketch = HessianSketch(
             SketchSettings(
-                num_eigenpairs=min(self.levy.num_eigenpairs, self.dim),
-                num_iters=min(self.levy.lanczos_num_iters, self.dim),
+                num_eigenpairs=min(self.levy.num_eigenpairs, self.space.dim),
+                num_iters=min(self.levy.lanczos_num_iters, self.space.dim),
                 tol=self.levy.lanczos_tol,
                 seed=self.seed,
                 vector_dtype=vector_dtype,
-                vector_device=self.params[0].device,
+                vector_device=self.space.device,
             )
         )
         if self._pending_state is not None:
-            self._pending_state["vectors"] = self._pending_state["vectors"].to(
-                self.params[0].device, vector_dtype
+            state_dict, self._pending_state = self._pending_state, None
+            state_dict["vectors"] = state_dict["vectors"].to(self.space.device, vector_dtype)
+            self.sketch.load_state_dict(state_dict)
+
+    def _check_sharded_settings(self) -> None:
+        if self.levy.hvp_method == "autograd":
+            raise ValueError(
+                "hvp_method='autograd' is not available under FSDP (sharded parameters have no double "
+                "backward): set hvp_method='finite_difference' or 'auto'"
             )
-            self.sketch.load_state_dict(self._pending_state)
-            self._pending_state = None
+        self.hvp_method = "finite_difference"
+        world = _rank_and_world()[1]
+        if self.levy.sketch_batch_size % world:
+            logger.warning(
+                "hf_levy: sketch_batch_size=%d is not a multiple of the %d ranks; FSDP averages the ranks' "
+                "gradients equally, so the sketch weights their shares unevenly",
+                self.levy.sketch_batch_size,
+                world,
+            )
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.sketch.due(state.global_step, self.levy.sketch_every_n_steps):
-            self._sketch_metrics = self.refresh_sketch(state.global_step)
-            if _rank_and_world()[1] > 1 and self.sketch.ready:
-                # Every rank ran the same Lanczos on the same averaged products, so the vectors already
-                # agree; the broadcast makes that a guarantee, since replicas whose noise differed would
-                # silently drift apart.
-                dist.broadcast(self.sketch.vectors_PK, src=0)
-                dist.broadcast(self.sketch.values_K, src=0)
+        if not self.sketch.due(state.global_step, self.levy.sketch_every_n_steps):
+            return
+        self._sketch_metrics = self.refresh_sketch(state.global_step)
+        if _rank_and_world()[1] > 1 and self.sketch.ready and not self.space.sharded:
+            # Every rank ran the same Lanczos on the same averaged products, so the vectors already agree;
+            # the broadcast makes that a guarantee: replicas whose noise differed would drift apart silently.
+            dist.broadcast(self.sketch.vectors_PK, src=0)
+            dist.broadcast(self.sketch.values_K, src=0)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.levy.levy_scale == 0 or not self.sketch.ready:
@@ -173,9 +193,7 @@ class LevyCallback(TrainerCallback):
         self.add_noise(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if (
-            logs is None or "loss" not in logs
-        ):  # only the periodic training logs, not eval or the final summary
+        if logs is None or "loss" not in logs:  # only the periodic training logs, not eval or the summary
             return
         metrics = dict(self._sketch_metrics)
         if self._noise_log:
@@ -206,7 +224,7 @@ class LevyCallback(TrainerCallback):
         share = _count_examples(batch)
         if self.hvp_method is None:  # "auto": exact products unless the model cannot differentiate twice
             try:
-                metrics = self.sketch.refresh(self._matvec(batch, share, "autograd"), self.dim, step)
+                metrics = self._refresh(batch, share, "autograd", step)
                 self.hvp_method = "autograd"
                 logger.info("hf_levy: hvp_method='auto' chose exact double-backward products")
                 return metrics
@@ -215,31 +233,34 @@ class LevyCallback(TrainerCallback):
                 logger.warning(
                     "hf_levy: hvp_method='auto' chose finite differences (%s)", str(err).split(". ")[0]
                 )
-        return self.sketch.refresh(self._matvec(batch, share, self.hvp_method), self.dim, step)
+        return self._refresh(batch, share, self.hvp_method, step)
+
+    def _refresh(self, batch: Mapping[str, Any], share: int, method: str, step: int) -> dict[str, float]:
+        matvec = self._matvec(batch, share, method)
+        return self.sketch.refresh(matvec, self.space.dim, step, reduce=self.space.reduce)
 
     def _matvec(self, batch: Mapping[str, Any], share: int, method: str) -> Callable[[Tensor], Tensor]:
-        """v ↦ H v averaged over the ranks' shares of the sketch batch (weighted by their example counts)."""
+        """v ↦ H v on the sketch batch, as seen by this rank.
+
+        Replicated parameters (DDP): each rank's product on its share is averaged across ranks, weighted
+        by the example counts. FSDP: the product's piece of this rank (FSDP's own gradient reduce-scatter
+        already averages the ranks), padded to the common length.
+        """
         hvp = make_hvp(self.model, batch, self.params, method=method, loss_fn=self.loss_fn)
-        rank, world = _rank_and_world()
-        if world == 1:
+        space = self.space
+        if space.sharded:
+            return lambda v_P: space.pad(hvp(space.unpad(v_P)))
+        if _rank_and_world()[1] == 1:
             return hvp
-        total = torch.tensor(float(share), dtype=torch.float64, device=self.params[0].device)
-        dist.all_reduce(total)
-
-        def averaged(v_P: Tensor) -> Tensor:
-            hv_P = hvp(v_P) * (share / total.item())
-            dist.all_reduce(hv_P)
-            return hv_P
-
-        return averaged
+        total = float(sum_over_ranks(torch.tensor(float(share), dtype=torch.float64, device=space.device)))
+        return lambda v_P: sum_over_ranks(hvp(v_P) * (share / total))
 
     def add_noise(self, step: int) -> None:
         """g ← g + ξ with ξ = V · coef (see hf_levy.noise); skipped when the gradient is not finite."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
+        if all(p.grad is None for p in self.params):
             return
         # The only host sync of the step: the noise scale and its cap are relative to ‖g‖.
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double()).item()
+        grad_norm = self.space.grad_norm()
         if not math.isfinite(grad_norm):
             self._skipped_nonfinite += 1  # fp16 overflow: the optimizer skips this step, so no noise either
             return
@@ -253,18 +274,18 @@ class LevyCallback(TrainerCallback):
         # Orthonormal columns give |ξ_j| <= ‖ξ‖ = ‖coef‖, so checking the K coefficients on the host rules
         # out an overflow anywhere in ξ. Only reachable with truncation off: such a draw is dropped.
         noise_norm = coef_K.norm().item()
-        if not noise_norm < min(torch.finfo(g.dtype).max for g in grads) / 2:
+        if not noise_norm < min(torch.finfo(p.dtype).max for p in self.params) / 2:
             logger.warning("hf_levy: step %d: the noise overflows the gradient dtype and is skipped", step)
             self._skipped_nonfinite += 1
             return
-        xi_P = directional_noise(self.sketch.vectors_PK, coef_K)
-        for p, xi in zip(self.params, unflatten(xi_P, self.params), strict=True):
-            if p.grad is None:
-                p.grad = xi.to(p.dtype).clone()
-            else:
-                p.grad.add_(xi.to(p.grad.dtype))
+        self.space.add_to_grads(directional_noise(self.sketch.vectors_PK, coef_K))
         self._noise_log.append((noise_norm, noise_norm / grad_norm if grad_norm > 0 else 0.0))
         self.noise_draws += 1
+
+
+def _state_file(checkpoint_dir: str, sharded: bool) -> str:
+    name = SHARDED_STATE_FILE.format(rank=_rank_and_world()[0]) if sharded else STATE_FILE
+    return os.path.join(checkpoint_dir, name)
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from hf_levy.params import flatten, num_elements, unflatten
+from hf_levy.params import flatten, is_sharded, local_view, sum_over_ranks, unflatten
 
 HvpMethod = Literal["autograd", "finite_difference"]
 LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
@@ -88,11 +88,16 @@ def make_hvp(
             )
     if fd_step is not None and not fd_step > 0:
         raise ValueError(f"fd_step must be > 0, got {fd_step}")
-    device = params[0].device
+    device = local_view(params[0]).device
     batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
     closure = _LossClosure(model, batch, loss_fn, device)
     if method == "finite_difference":
         return _finite_difference_hvp(closure, params, fd_step)
+    if any(is_sharded(p) for p in params):
+        raise DoubleBackwardError(
+            "double backward is not available on FSDP-sharded (DTensor) parameters: the forward uses "
+            "all-gathered copies, so the shards are not in the graph. Use method='finite_difference'."
+        )
     return _autograd_hvp(closure, params, reuse_graph)
 
 
@@ -102,13 +107,18 @@ def finite_difference_step(params: Sequence[Tensor], dtype: torch.dtype | None =
     u is the unit roundoff of the parameters' dtype; u^(1/3) balances the O(ε²) truncation error
     against the O(u/ε) rounding error of a central difference, and (1 + ‖θ‖)/√P ~ (1 + RMS(θ)) sets the
     size of a typical coordinate, so each coordinate moves by ~u^(1/3) of its own size. For a
-    vector of norm r the step is ε / r.
+    vector of norm r the step is ε / r. ‖θ‖ and P are global (summed over ranks) for sharded parameters.
     """
     dtype = dtype or params[0].dtype
     u = torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps / 2
     with torch.no_grad():
-        norm = torch.sqrt(sum(p.detach().double().pow(2).sum() for p in params)).item()
-    return u ** (1 / 3) * (1.0 + norm) / num_elements(params) ** 0.5
+        local = [local_view(p).detach() for p in params]
+        totals = torch.tensor(
+            [sum(float(t.double().pow(2).sum()) for t in local), sum(t.numel() for t in local)]
+        )
+    if any(is_sharded(p) for p in params):
+        totals = sum_over_ranks(totals.to(local[0].device)).cpu()
+    return u ** (1 / 3) * (1.0 + float(totals[0]) ** 0.5) / float(totals[1]) ** 0.5
 
 
 class _LossClosure:
@@ -204,32 +214,54 @@ def _finite_difference_hvp(
 ) -> Callable[[Tensor], Tensor]:
     step = fd_step if fd_step is not None else finite_difference_step(params)
     work_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    sharded = any(is_sharded(p) for p in params)
+    gradient = _sharded_gradient if sharded else (lambda c, ps: flatten(_grad([c()], ps)))
+    # Writing through .data keeps autograd's version counters untouched: the values are restored bit for
+    # bit afterwards, so graphs built on these parameters elsewhere stay valid. Under FSDP2 the local
+    # shard is what the next forward all-gathers.
+    shards = [local_view(p.data) for p in params]
 
     def gradient_at(shift: list[Tensor], sign: float, saved: list[Tensor]) -> Tensor:
-        # Writing through .data keeps autograd's version counters untouched: the values are restored
-        # bit for bit afterwards, so graphs built on these parameters elsewhere stay valid.
         with torch.no_grad():
-            for p, s, d in zip(params, saved, shift, strict=True):
-                p.data.copy_(s + sign * d)
+            for shard, s, d in zip(shards, saved, shift, strict=True):
+                shard.copy_(s + sign * d)
         with closure.frozen_state():
-            return flatten(_grad([closure()], params), dtype=work_dtype)
+            return gradient(closure, params).to(work_dtype)
 
     def hvp(v_P: Tensor) -> Tensor:
-        norm = v_P.double().norm().item()
+        norm_sq = v_P.double().pow(2).sum()
+        norm = float(sum_over_ranks(norm_sq) if sharded else norm_sq) ** 0.5
         if norm == 0.0:
             return torch.zeros_like(v_P)
         eps = step / norm
         shift = [
-            d.to(p.dtype) for d, p in zip(unflatten(v_P.to(work_dtype) * eps, params), params, strict=True)
+            d.to(s.dtype) for d, s in zip(unflatten(v_P.to(work_dtype) * eps, params), shards, strict=True)
         ]
-        saved = [p.detach().clone() for p in params]
+        saved = [s.detach().clone() for s in shards]
         try:
             g_plus = gradient_at(shift, 1.0, saved)
             g_minus = gradient_at(shift, -1.0, saved)
         finally:
             with torch.no_grad():
-                for p, s in zip(params, saved, strict=True):
-                    p.data.copy_(s)
+                for shard, s in zip(shards, saved, strict=True):
+                    shard.copy_(s)
         return ((g_plus - g_minus) / (2 * eps)).to(dtype=v_P.dtype, device=v_P.device)
 
     return hvp
+
+
+def _sharded_gradient(closure: _LossClosure, params: list[Tensor]) -> Tensor:
+    """This rank's piece of ∇L for FSDP2 parameters, by ``loss.backward()``.
+
+    FSDP2's reduce-scatter averages the ranks' gradients, so with equal shares of the batch this is the
+    piece of the gradient of the mean loss. ``.grad`` is saved and put back: the caller's is untouched.
+    """
+    saved = [p.grad for p in params]
+    try:
+        for p in params:
+            p.grad = None
+        closure().backward()
+        return flatten([torch.zeros_like(local_view(p)) if p.grad is None else p.grad for p in params])
+    finally:
+        for p, g in zip(params, saved, strict=True):
+            p.grad = g

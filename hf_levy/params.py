@@ -1,16 +1,22 @@
 """The trainable-parameter space: flat vectors over a fixed list of parameters.
 
-Every vector the sketch and the noise handle is a 1-D tensor of length P = Σ numel(p) over the
-parameters in the order given (the order of ``model.parameters()`` for ``trainable_parameters``).
+A flat vector is a 1-D tensor over the parameters in the order given (``model.parameters()`` order
+for :func:`trainable_parameters`). With replicated parameters (one process, DDP) it covers every
+element, P = Σ numel(p). Under FSDP2 the parameters are ``DTensor`` shards and every vector is this
+rank's piece: the local shards concatenated (P_local elements), so a global inner product is a local
+dot followed by a sum over ranks (:meth:`ParameterSpace.reduce`). FSDP shards unevenly (the last
+ranks may hold fewer rows), while Lanczos needs the same vector length on every rank, so
+:class:`ParameterSpace` pads each rank's piece with zeros to ``dim`` = max over ranks of P_local.
 
-Legend for shape suffixes: P parameters (flat length), K eigenpairs.
+Legend for shape suffixes: P parameters (flat length, or this rank's padded piece), K eigenpairs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 
@@ -19,43 +25,95 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def is_sharded(t: Tensor) -> bool:
+    """True for a DTensor (an FSDP2 parameter or gradient shard)."""
+    return hasattr(t, "to_local") and hasattr(t, "placements")
+
+
+def local_view(t: Tensor) -> Tensor:
+    """This rank's elements of ``t``: the local shard of a DTensor (sharing its storage), else ``t``."""
+    return t.to_local() if is_sharded(t) else t
+
+
 def num_elements(params: Sequence[Tensor]) -> int:
-    """P, the length of a flat vector over ``params``."""
-    return sum(p.numel() for p in params)
+    """Length of a flat vector over ``params`` on this rank (local shards under FSDP)."""
+    return sum(local_view(p).numel() for p in params)
 
 
 def flatten(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
-    """Concatenate ``tensors`` into one flat (P,) tensor (a copy), optionally cast to ``dtype``."""
-    return torch.cat([t.reshape(-1).to(dtype) if dtype else t.reshape(-1) for t in tensors])
+    """Concatenate the local elements of ``tensors`` into one flat tensor (a copy), optionally cast."""
+    return torch.cat([local_view(t).reshape(-1).to(dtype or local_view(t).dtype) for t in tensors])
 
 
 def unflatten(flat_P: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    """Split a flat (P,) tensor into views shaped like ``like`` (dtype of ``flat_P`` kept).
+    """Split a flat tensor into views shaped like the local elements of ``like`` (dtype of ``flat_P`` kept).
 
     Raises:
-        ValueError: when the length of ``flat_P`` is not P of ``like``.
+        ValueError: when the length of ``flat_P`` is not that of a flat vector over ``like``.
     """
-    numels = [t.numel() for t in like]
+    shapes = [local_view(t).shape for t in like]
+    numels = [s.numel() for s in shapes]
     if flat_P.dim() != 1 or flat_P.numel() != sum(numels):
         raise ValueError(
             f"expected a flat vector of length {sum(numels)} (the number of elements of the "
             f"{len(numels)} parameters), got shape {tuple(flat_P.shape)}"
         )
-    return [chunk.view(t.shape) for chunk, t in zip(torch.split(flat_P, numels), like, strict=True)]
+    return [chunk.view(s) for chunk, s in zip(torch.split(flat_P, numels), shapes, strict=True)]
 
 
-def gradients(params: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor | None:
-    """The flat (P,) gradient of ``params`` (zeros where ``.grad`` is None), or None when no grad exists."""
-    if all(p.grad is None for p in params):
-        return None
-    return flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params], dtype)
+def sum_over_ranks(t: Tensor) -> Tensor:
+    """All-reduce (sum) in place over the default process group; returns ``t``."""
+    dist.all_reduce(t)
+    return t
 
 
-def identity_reduce(partial: Tensor) -> Tensor:
-    """The ``reduce`` of a single process: local inner products are already global."""
-    return partial
+class ParameterSpace:
+    """Flat, rank-padded vectors over ``params``, with the inner-product reduction they need.
 
+    ``dim`` is the length Lanczos and the eigenvectors use on this rank; ``reduce`` turns local partial
+    inner products into global ones (identity unless the parameters are sharded).
+    """
 
-def global_dot(a_P: Tensor, b_P: Tensor, reduce: Callable[[Tensor], Tensor] = identity_reduce) -> Tensor:
-    """<a, b> accumulated in float64 over all shards (``reduce`` sums the local partials across ranks)."""
-    return reduce(torch.dot(a_P.double(), b_P.double()))
+    def __init__(self, params: Sequence[Tensor]):
+        self.params = list(params)
+        self.sharded = any(is_sharded(p) for p in self.params)
+        self.local_numel = num_elements(self.params)
+        self.dim = self.local_numel
+        if self.sharded:
+            longest = torch.tensor(self.local_numel, dtype=torch.int64, device=self.device)
+            dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+            self.dim = int(longest)
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's pieces live (and where collectives run)."""
+        return local_view(self.params[0]).device
+
+    def reduce(self, partial: Tensor) -> Tensor:
+        """Global inner products from local ones: a sum over ranks when sharded, else the identity."""
+        return sum_over_ranks(partial) if self.sharded else partial
+
+    def pad(self, flat: Tensor) -> Tensor:
+        """A local flat vector (P_local,) padded with zeros to (dim,)."""
+        if flat.numel() == self.dim:
+            return flat
+        return torch.cat([flat, flat.new_zeros(self.dim - flat.numel())])
+
+    def unpad(self, flat_P: Tensor) -> Tensor:
+        """The first P_local entries of a (dim,) vector: this rank's elements."""
+        return flat_P[: self.local_numel]
+
+    def grad_norm(self) -> float:
+        """‖g‖ over all ranks' elements (float64), from the local pieces of ``.grad``; one host sync."""
+        grads = [local_view(p.grad) for p in self.params if p.grad is not None]
+        if not grads:
+            return 0.0
+        squares = torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
+        return float(self.reduce(squares).sqrt())
+
+    def add_to_grads(self, flat_P: Tensor) -> None:
+        """``p.grad += piece`` for each parameter, from a (dim,) vector (padding ignored; a missing grad is created)."""
+        for p, piece in zip(self.params, unflatten(self.unpad(flat_P), self.params), strict=True):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            local_view(p.grad).add_(piece.to(local_view(p.grad).dtype))
