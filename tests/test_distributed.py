@@ -15,11 +15,15 @@ SCRIPT = pathlib.Path(__file__).parent / "distributed" / "ddp_train.py"
 pytestmark = pytest.mark.slow
 
 
-def torchrun(out: pathlib.Path, *flags: str) -> list[dict]:
+def torchrun(out: pathlib.Path, *flags: str, script: pathlib.Path = SCRIPT) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(pathlib.Path(__file__).parents[1])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = subprocess.run(
-        [*command, str(SCRIPT), "--out", str(out), *flags], env=env, capture_output=True, text=True, timeout=300
+        [*command, str(script), "--out", str(out), *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
@@ -49,7 +53,9 @@ def test_noise_changes_the_ddp_run(noisy, tmp_path):
 def test_eigenvalues_equal_the_single_process_ones_on_the_same_sketch_batch(noisy, tmp_path):
     single = run_levy(tmp_path, max_steps=1, levy_scale=0.5)
     first = next(h for h in single.state.log_history if "curvature/eigenvalue_0" in h)
-    expected = torch.tensor([first["curvature/eigenvalue_0"], first["curvature/eigenvalue_1"]], dtype=torch.float64)
+    expected = torch.tensor(
+        [first["curvature/eigenvalue_0"], first["curvature/eigenvalue_1"]], dtype=torch.float64
+    )
     got = torch.tensor(noisy[0]["first_sketch_values"], dtype=torch.float64)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 
@@ -61,3 +67,38 @@ def test_resume_under_ddp_equals_the_uninterrupted_run(noisy, tmp_path):
     resumed = torchrun(tmp_path / "resumed", "--resume", str(full_dir / "checkpoint-3"))
     assert torch.equal(resumed[0]["params"], full[0]["params"])
     assert torch.equal(resumed[1]["params"], full[1]["params"])
+
+
+FSDP_SCRIPT = pathlib.Path(__file__).parent / "distributed" / "fsdp_sketch.py"
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    return torchrun(tmp_path_factory.mktemp("fsdp"), script=FSDP_SCRIPT)
+
+
+def test_fsdp_shards_are_uneven_and_padded_to_a_common_length(fsdp):
+    assert [r["world"] for r in fsdp] == [2, 2]
+    assert fsdp[0]["local_numel"] != fsdp[1]["local_numel"]
+    assert fsdp[0]["dim"] == fsdp[1]["dim"] == max(r["local_numel"] for r in fsdp)
+
+
+def test_fsdp_refuses_exact_products_with_a_clear_error(fsdp):
+    assert all(r["autograd_refused"] for r in fsdp)
+
+
+def test_fsdp_sketch_eigenvalues_equal_the_unsharded_ones(fsdp):
+    for r in fsdp:
+        torch.testing.assert_close(r["shard_values"], r["ref_values"], rtol=1e-6, atol=0)
+
+
+def test_fsdp_sketch_vectors_assembled_from_shards_match_the_unsharded_ones(fsdp):
+    for r in fsdp:
+        alignment = (r["ref_vectors"].T @ r["shard_vectors"]).diag().abs()
+        assert (alignment > 1 - 1e-6).all(), alignment
+
+
+def test_fsdp_noise_assembled_from_shards_equals_the_unsharded_noise(fsdp):
+    for r in fsdp:
+        assert r["shard_grad_norm"] == pytest.approx(r["ref_grad_norm"], rel=1e-12)
+        torch.testing.assert_close(r["noisy_grad"], r["expected_noisy_grad"], rtol=1e-10, atol=1e-12)
