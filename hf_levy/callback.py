@@ -31,7 +31,13 @@ from transformers import TrainerCallback
 
 from hf_levy.config import LevyArguments
 from hf_levy.hvp import DoubleBackwardError, LossFn, make_hvp
-from hf_levy.noise import curvature_weights, directional_noise, noise_coefficients, step_generator
+from hf_levy.noise import (
+    curvature_weights,
+    directional_noise,
+    isotropic_noise,
+    noise_coefficients,
+    step_generator,
+)
 from hf_levy.params import ParameterSpace, sum_over_ranks, trainable_parameters
 from hf_levy.sketch import HessianSketch, SketchSettings
 
@@ -41,6 +47,7 @@ STATE_FILE = "levy_state.safetensors"
 SHARDED_STATE_FILE = "levy_state_rank{rank}.safetensors"  # FSDP: each rank keeps its piece of the vectors
 # Independent streams of the levy seed: noise draws use (seed, step), sketch batches (seed + this, step).
 _SKETCH_BATCH_STREAM = 0xBA7C
+_ISOTROPIC_STREAM = 0x150
 
 
 class LevyCallback(TrainerCallback):
@@ -278,9 +285,27 @@ class LevyCallback(TrainerCallback):
             logger.warning("hf_levy: step %d: the noise overflows the gradient dtype and is skipped", step)
             self._skipped_nonfinite += 1
             return
-        self.space.add_to_grads(directional_noise(self.sketch.vectors_PK, coef_K))
+        self.space.add_to_grads(self._noise_vector(coef_K, noise_norm, step))
         self._noise_log.append((noise_norm, noise_norm / grad_norm if grad_norm > 0 else 0.0))
         self.noise_draws += 1
+
+    def _noise_vector(self, coef_K: Tensor, noise_norm: float, step: int) -> Tensor:
+        """ξ (this rank's padded piece): V·coef, or for the isotropic ablation i.i.d. draws of the same norm."""
+        if self.levy.levy_noise_basis == "hessian":
+            return directional_noise(self.sketch.vectors_PK, coef_K)
+        space = self.space
+        # Replicated ranks draw the same coordinates; FSDP ranks each draw their own piece.
+        stream = _rank_and_world()[0] + 1 if space.sharded else 0
+        generator = step_generator(self.seed + _ISOTROPIC_STREAM + stream, step)
+        xi = isotropic_noise(
+            space.local_numel,
+            noise_norm,
+            self.levy.levy_alpha,
+            generator,
+            clip=self.levy.levy_clip,
+            reduce=space.reduce,
+        )
+        return space.pad(xi.to(space.device, self.sketch.vectors_PK.dtype))
 
 
 def _state_file(checkpoint_dir: str, sharded: bool) -> str:

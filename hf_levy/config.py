@@ -15,6 +15,7 @@ from transformers import TrainingArguments
 
 HVP_METHODS = ("auto", "autograd", "finite_difference")
 SCALE_MODES = ("relative", "absolute")
+NOISE_BASES = ("hessian", "isotropic")
 
 
 @dataclass
@@ -58,6 +59,13 @@ class LevyArguments:
         default=None,
         metadata={
             "help": "Seed of the noise draws and of the sketch batches; default: the Trainer's `seed`."
+        },
+    )
+    levy_noise_basis: Literal["hessian", "isotropic"] = field(
+        default="hessian",
+        metadata={
+            "help": "'hessian': noise in the top-K Hessian eigenvectors (the method); 'isotropic': an ablation "
+            "with i.i.d. α-stable noise over all trainable coordinates, rescaled to the same norm each step."
         },
     )
     levy_virtual_batch_size: int | None = field(
@@ -121,6 +129,12 @@ class LevyArguments:
             "raise lanczos_num_iters (about 4x num_eigenpairs + 10) or lower num_eigenpairs",
         )
         _check(self.lanczos_tol > 0, "lanczos_tol", self.lanczos_tol, "> 0")
+        _check(
+            self.levy_noise_basis in NOISE_BASES,
+            "levy_noise_basis",
+            self.levy_noise_basis,
+            f"one of {NOISE_BASES}",
+        )
         _check(self.hvp_method in HVP_METHODS, "hvp_method", self.hvp_method, f"one of {HVP_METHODS}")
         vbs = self.levy_virtual_batch_size
         _check(

@@ -13,6 +13,8 @@ Legend: P parameters (flat length, or the local shard length under FSDP), K eige
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -69,3 +71,24 @@ def noise_coefficients(
 def directional_noise(vectors_PK: Tensor, coef_K: Tensor) -> Tensor:
     """ξ_P = vectors_PK · coef_K, in the dtype and on the device of the vectors."""
     return vectors_PK @ coef_K.to(device=vectors_PK.device, dtype=vectors_PK.dtype)
+
+
+def isotropic_noise(
+    numel: int,
+    norm: float,
+    alpha: float,
+    generator: torch.Generator,
+    *,
+    clip: float | None,
+    reduce: Callable[[Tensor], Tensor] = lambda t: t,
+) -> Tensor:
+    """The isotropic ablation: i.i.d. SαS(α) coordinates (clipped), rescaled to ‖ξ‖ = ``norm`` (float32, CPU).
+
+    ``numel`` is this rank's count of coordinates; ``reduce`` sums the squared norm over ranks when they
+    are sharded (then each rank must pass its own generator stream).
+    """
+    z = sample_symmetric_stable((numel,), alpha, generator=generator, dtype=torch.float32)
+    if clip is not None:
+        z = z.clamp(-clip, clip)
+    total = float(reduce(z.double().pow(2).sum())) ** 0.5
+    return z * (norm / total) if total > 0 else z

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from hf_levy import sample_symmetric_stable
-from hf_levy.noise import curvature_weights, directional_noise, noise_coefficients, step_generator
+from hf_levy.noise import (
+    curvature_weights,
+    directional_noise,
+    isotropic_noise,
+    noise_coefficients,
+    step_generator,
+)
 
 
 def orthonormal(P, K, seed=0):
@@ -65,3 +71,14 @@ def test_curvature_weights_follow_root_curvature():
     torch.testing.assert_close(w, torch.tensor([3.0, 2.0, 0.0, 0.0], dtype=torch.float64) / 13**0.5)
     uniform = curvature_weights(torch.tensor([-1.0, -2.0], dtype=torch.float64))
     torch.testing.assert_close(uniform, torch.full((2,), 2**-0.5, dtype=torch.float64))
+
+
+def test_isotropic_noise_has_the_requested_norm_and_is_spread_over_all_coordinates():
+    xi = isotropic_noise(10_000, 3.0, 1.5, step_generator(0, 1), clip=10.0)
+    torch.testing.assert_close(xi.double().norm(), torch.tensor(3.0, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert (xi != 0).float().mean() > 0.99
+    # the same stream draws the same vector, and its coordinates are the sampler's draws up to one factor
+    z = sample_symmetric_stable((10_000,), 1.5, generator=step_generator(0, 1), dtype=torch.float32).clamp(
+        -10, 10
+    )
+    torch.testing.assert_close(xi, z * (3.0 / z.double().norm()).float(), rtol=1e-6, atol=1e-9)

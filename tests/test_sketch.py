@@ -17,7 +17,9 @@ def planted(dim=60, top=(10.0, 8.0, 6.0), seed=0):
 
 
 def sketch(k=3, iters=40):
-    return HessianSketch(SketchSettings(num_eigenpairs=k, num_iters=iters, tol=1e-8, seed=0, vector_dtype=torch.float64))
+    return HessianSketch(
+        SketchSettings(num_eigenpairs=k, num_iters=iters, tol=1e-8, seed=0, vector_dtype=torch.float64)
+    )
 
 
 def test_refresh_finds_the_top_eigenpairs_and_reports_metrics():

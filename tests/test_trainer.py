@@ -199,3 +199,12 @@ def test_steps_with_non_finite_gradients_get_no_noise(tmp_path):
     assert trainer.levy_callback.noise_draws == 0
     logged = [h.get("levy/skipped_nonfinite_steps") for h in trainer.state.log_history if "loss" in h]
     assert logged == [1.0, 1.0]
+
+
+def test_isotropic_ablation_has_the_same_noise_norms_as_the_hessian_noise(tmp_path):
+    # One step: both start from the same gradient, so the norms must agree exactly; only the direction differs.
+    hessian = run_levy(tmp_path, name="hessian", max_steps=1, levy_scale=0.5)
+    isotropic = run_levy(tmp_path, name="iso", max_steps=1, levy_scale=0.5, levy_noise_basis="isotropic")
+    first = lambda t: next(h["levy/noise_norm"] for h in t.state.log_history if "levy/noise_norm" in h)  # noqa: E731
+    assert first(hessian) == pytest.approx(first(isotropic), rel=1e-9)
+    assert not torch.equal(flat_params(hessian), flat_params(isotropic))
