@@ -1,0 +1,241 @@
+"""Tests of hf_levy.calibration against closed forms.
+
+Ground truth: the least squares of tests/least_squares.py at its minimizer, residuals drawn i.i.d.
+SαS(α, σ) by scipy.stats.levy_stable (whose default S1 parametrization is ours, see test_stable.py):
+the projection of a micro-batch gradient on q_k is −(s_k/b) Σ_j ε_jk, exactly SαS(α, σ·s_k·b^{1/α−1}).
+"""
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from least_squares import LeastSquares, features, optimum, orthonormal_directions
+from torch import nn
+
+from hf_levy.calibration import (
+    DirectionalNoise,
+    fit_directional_noise,
+    injected_scale,
+    loss_gradient,
+    microbatch_projections,
+)
+from hf_levy.stable import sample_symmetric_stable
+
+P, K, SIGMA = 6, 3, 0.8
+S_K = torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)
+
+
+def problem(alpha: float, num_batches: int, batch_size: int, seed: int = 0):
+    """The model at w*, the micro-batches and their residuals ε (M, b, K)."""
+    q = orthonormal_directions(P, K)
+    w_star = optimum(P)
+    rng = np.random.default_rng(seed)
+    eps = torch.from_numpy(
+        scipy.stats.levy_stable.rvs(
+            alpha, 0.0, scale=SIGMA, size=(num_batches, batch_size, K), random_state=rng
+        )
+    )
+    x = features(S_K, q).expand(batch_size, K, P)
+    batches = [{"features": x, "targets": x @ w_star + e} for e in eps]
+    return LeastSquares(w_star), batches, q, eps
+
+
+def batch_scale(alpha: float, batch_size: int) -> torch.Tensor:
+    """The closed-form SαS scale of the projections: σ·s_k·b^{1/α−1}."""
+    return SIGMA * S_K * batch_size ** (1 / alpha - 1)
+
+
+# ---------------------------------------------------------------- microbatch_projections
+def test_projections_equal_the_closed_form_gradient_exactly():
+    model, batches, q, eps = problem(1.5, num_batches=40, batch_size=4)
+    proj = microbatch_projections(model, batches, [model.w], q)
+    expected = -(S_K / 4) * eps.sum(1)  # −(s_k/b) Σ_j ε_jk
+    assert proj.num_gradients == 40
+    assert proj.values_MK.dtype == torch.float64 and proj.values_MK.shape == (40, K)
+    torch.testing.assert_close(proj.values_MK, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_projections_leave_mode_grad_and_global_rng_untouched_and_turn_dropout_off():
+    model, batches, q, eps = problem(2.0, num_batches=4, batch_size=4)
+    model = LeastSquares(model.w.detach(), dropout=0.5).train()
+    model.w.grad = torch.full_like(model.w, 7.0)
+    torch.manual_seed(5)
+    rng_before = torch.get_rng_state()
+    proj = microbatch_projections(model, batches, [model.w], q)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert model.training and model.dropout.training
+    assert torch.equal(model.w.grad, torch.full_like(model.w, 7.0))
+    # with dropout active the projections would not be the closed form
+    torch.testing.assert_close(proj.values_MK, -(S_K / 4) * eps.sum(1), rtol=1e-9, atol=1e-9)
+
+
+def test_loss_fn_replaces_model_output_loss():
+    model, batches, q, _ = problem(2.0, num_batches=2, batch_size=4)
+    g = loss_gradient(model, batches[0], [model.w], loss_fn=lambda m, b: 3 * m(**b)["loss"])
+    torch.testing.assert_close(g, 3 * loss_gradient(model, batches[0], [model.w]))
+
+
+# ---------------------------------------------------------------- fit_directional_noise
+# M = 2048 keeps the worst error across these seeds at half the tolerances (α: 0.075 of 0.15; scale:
+# 6 % of 15 %); at M = 1024 the scale error reached 10 %.
+FIT_M, FIT_B = 2048, 8
+
+
+@functools.cache
+def fitted(alpha: float) -> DirectionalNoise:
+    model, batches, q, _ = problem(alpha, num_batches=FIT_M, batch_size=FIT_B, seed=int(alpha * 10))
+    return fit_directional_noise(microbatch_projections(model, batches, [model.w], q).values_MK)
+
+
+@pytest.mark.parametrize("alpha", [1.3, 1.7, 2.0])
+def test_fit_recovers_alpha_and_batch_scale_along_known_directions(alpha):
+    fit = fitted(alpha)
+    expected = batch_scale(alpha, FIT_B)
+    alpha_err = (fit.alpha_K - alpha).abs()
+    scale_err = (fit.scale_K / expected - 1).abs()
+    assert (alpha_err < 0.15).all(), (
+        f"alpha {alpha}: fitted {fit.alpha_K.tolist()}, errors {alpha_err.tolist()}"
+    )
+    assert (scale_err < 0.15).all(), (
+        f"alpha {alpha}: scale fitted {fit.scale_K.tolist()}, closed form {expected.tolist()}, "
+        f"relative errors {scale_err.tolist()}"
+    )
+
+
+def test_gaussian_batch_scaling_would_miss_the_scale_tolerance():
+    # The fit is within 15 % of σ s_k b^{1/α−1} (previous test); the Gaussian rule σ s_k b^{-1/2}
+    # is 1.75× smaller at α = 1.3, b = 8, so the tolerance tells the two rules apart.
+    fit = fitted(1.3)
+    gaussian_rule = SIGMA * S_K * FIT_B**-0.5
+    assert ((fit.scale_K / gaussian_rule - 1).abs() > 0.15).all(), fit.scale_K / gaussian_rule
+
+
+def test_fit_with_alpha_given_fits_only_the_scale():
+    x = sample_symmetric_stable(
+        (1024, 4), 1.4, 2.0, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+    fit = fit_directional_noise(x, alpha=1.4)
+    assert torch.equal(fit.alpha_K, torch.full((4,), 1.4, dtype=torch.float64))
+    assert ((fit.scale_K / 2.0 - 1).abs() < 0.1).all(), fit.scale_K
+
+
+def test_fit_is_location_invariant_and_scale_equivariant():
+    x = sample_symmetric_stable((64, 5), 1.6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    base = fit_directional_noise(x)
+    moved = fit_directional_noise(-3.0 * x + torch.arange(5.0, dtype=torch.float64) * 1e3)
+    torch.testing.assert_close(moved.alpha_K, base.alpha_K, rtol=1e-6, atol=0)
+    torch.testing.assert_close(moved.scale_K, 3.0 * base.scale_K, rtol=1e-6, atol=0)
+
+
+def test_fit_clips_alpha_into_range_unless_asked_for_raw():
+    x = sample_symmetric_stable(
+        (256, 2), 2.0, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    heavy = sample_symmetric_stable(
+        (256, 1), 0.3, generator=torch.Generator().manual_seed(4), dtype=torch.float64
+    )
+    fit = fit_directional_noise(torch.cat([x, heavy], 1))
+    assert ((fit.alpha_K >= 0.5) & (fit.alpha_K <= 2.0)).all()
+    assert fit.alpha_K[2] == 0.5
+    raw = fit_directional_noise(torch.cat([x, heavy], 1), clip_alpha=False)
+    assert raw.alpha_K[2] < 0.5 and raw.alpha_K[:2].max() > 2.0  # a Gaussian sample may exceed 2
+
+
+def test_constant_column_gets_zero_scale():
+    x = torch.ones(40, 2, dtype=torch.float64)
+    x[:, 1] = torch.randn(40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fit = fit_directional_noise(x)
+    assert isinstance(fit, DirectionalNoise)
+    assert fit.scale_K[0] == 0 and fit.alpha_K[0] == 2.0 and fit.scale_K[1] > 0
+
+
+# ---------------------------------------------------------------- injected_scale
+TS = (0.3, 0.7, 1.0, 1.5)  # in units of 1/c_b
+N_ECF, ECF_TOL = 200_000, 0.01  # ECF sd <= 1/sqrt(2n) = 0.0016; 0.01 is 6 sd
+
+
+def composed_ecf_error(alpha: float, c_inj: float, c_b: float, b: int, big_b: int, seed: int) -> float:
+    """max_t |ECF(batch-B noise + injected) − exp(−|c_b t|^α)|, the batch-B noise drawn as the mean of
+    B/b independent batch-b draws (so no scaling rule is assumed for it)."""
+    g = torch.Generator().manual_seed(seed)
+    batch_b = sample_symmetric_stable((N_ECF, big_b // b), alpha, c_b, generator=g, dtype=torch.float64)
+    total = batch_b.mean(1) + sample_symmetric_stable(N_ECF, alpha, c_inj, generator=g, dtype=torch.float64)
+    return max(abs(torch.cos(t / c_b * total).mean().item() - math.exp(-(t**alpha))) for t in TS)
+
+
+@pytest.mark.parametrize("alpha", [1.3, 1.7, 2.0])
+def test_batch_b_scale_is_restored_by_composing_batch_big_b_noise_with_the_injection(alpha):
+    c_b, b, big_b = 0.7, 4, 64
+    c_inj = injected_scale(torch.tensor([c_b]), alpha, b, big_b).item()
+    err = composed_ecf_error(alpha, c_inj, c_b, b, big_b, seed=int(alpha * 10))
+    assert err < ECF_TOL, f"alpha {alpha}: ECF off by {err:.4f} (c_inj={c_inj:.4f})"
+
+
+def test_gaussian_composition_rule_would_miss_the_ecf_tolerance():
+    c_b, b, big_b, alpha = 0.7, 4, 64, 1.3
+    gaussian_c_inj = c_b * math.sqrt(1 - b / big_b)
+    assert composed_ecf_error(alpha, gaussian_c_inj, c_b, b, big_b, seed=1) > 5 * ECF_TOL
+
+
+def test_injected_scale_special_cases():
+    c = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    # full batch: the gradient has no noise of its own, inject all of it
+    torch.testing.assert_close(injected_scale(c, torch.tensor([1.5, 1.0]), 8, None), c)
+    # α = 1: a mean of Cauchy draws does not shrink, α < 1 it grows: nothing to add
+    assert torch.equal(injected_scale(c, 1.0, 8, 64), torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(injected_scale(c, 0.7, 8, 64), torch.zeros(2, dtype=torch.float64))
+    # α = 2: variances add, c_inj² = c_b² (1 − b/B)
+    torch.testing.assert_close(injected_scale(c, 2.0, 8, 64), c * math.sqrt(1 - 8 / 64))
+    # per-direction alphas broadcast against per-direction scales
+    both = injected_scale(c, torch.tensor([2.0, 1.0]), 8, 64)
+    torch.testing.assert_close(both, torch.tensor([0.5 * math.sqrt(7 / 8), 0.0], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- bad inputs
+def test_virtual_batch_not_smaller_than_physical_is_rejected_naming_both():
+    with pytest.raises(ValueError, match=r"virtual_batch_size=64 .*physical_batch_size=64"):
+        injected_scale(torch.ones(2), 1.5, 64, 64)
+
+
+@pytest.mark.parametrize(
+    "args, name",
+    [
+        ((torch.tensor([-1.0]), 1.5, 4, 8), "scale_b_K"),
+        ((torch.tensor([float("nan")]), 1.5, 4, 8), "scale_b_K"),
+        ((torch.ones(1), 2.5, 4, 8), "alpha_K"),
+        ((torch.ones(1), 0.0, 4, 8), "alpha_K"),
+        ((torch.ones(1), 1.5, 0, 8), "virtual_batch_size"),
+        ((torch.ones(1), 1.5, 4, 8.0), "physical_batch_size"),
+    ],
+)
+def test_injected_scale_rejects_bad_inputs_naming_the_argument(args, name):
+    with pytest.raises(ValueError, match=name):
+        injected_scale(*args)
+
+
+def test_fit_rejects_bad_inputs_naming_the_argument():
+    x = torch.randn(64, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="projections_MK must be a 2-D"):
+        fit_directional_noise(x[:, 0])
+    with pytest.raises(ValueError, match="projections_MK has M=31"):
+        fit_directional_noise(x[:31])
+    with pytest.raises(ValueError, match="projections_MK has 1 non-finite"):
+        fit_directional_noise(torch.cat([x, torch.tensor([[math.inf, 0.0]])]))
+    with pytest.raises(ValueError, match="alpha must be in"):
+        fit_directional_noise(x, alpha=2.5)
+
+
+def test_projections_reject_bad_inputs_naming_the_argument():
+    model, batches, q, _ = problem(2.0, num_batches=2, batch_size=4)
+    with pytest.raises(ValueError, match="vectors_PK must have shape"):
+        microbatch_projections(model, batches, [model.w], q[:-1])
+    with pytest.raises(ValueError, match="batches is empty"):
+        microbatch_projections(model, [], [model.w], q)
+    frozen = nn.Parameter(torch.zeros(2), requires_grad=False)
+    with pytest.raises(ValueError, match=r"params\[0\]"):
+        microbatch_projections(model, batches, [frozen], q)
+    with pytest.raises(ValueError, match="params is empty"):
+        microbatch_projections(model, batches, [], q)
