@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
+from hf_levy.calibration import fit_directional_noise, injected_scale, microbatch_projections
 from hf_levy.config import LevyArguments
 from hf_levy.hvp import DoubleBackwardError, LossFn, make_hvp
 from hf_levy.noise import (
@@ -48,6 +50,7 @@ SHARDED_STATE_FILE = "levy_state_rank{rank}.safetensors"  # FSDP: each rank keep
 # Independent streams of the levy seed: noise draws use (seed, step), sketch batches (seed + this, step).
 _SKETCH_BATCH_STREAM = 0xBA7C
 _ISOTROPIC_STREAM = 0x150
+_CALIBRATION_STREAM = 0xCA1
 
 
 class LevyCallback(TrainerCallback):
@@ -65,11 +68,6 @@ class LevyCallback(TrainerCallback):
 
     def __init__(self, levy_args: LevyArguments, *, loss_fn: LossFn | None = None):
         levy_args.validate_levy_arguments()
-        if levy_args.levy_virtual_batch_size is not None:
-            raise NotImplementedError(
-                f"levy_virtual_batch_size={levy_args.levy_virtual_batch_size}: virtual-batch calibration is not "
-                "available in this version; leave it None and set levy_scale instead"
-            )
         self.levy = levy_args
         self.loss_fn = loss_fn
         self.sketch: HessianSketch | None = None
@@ -81,6 +79,9 @@ class LevyCallback(TrainerCallback):
         self._sketch_metrics: dict[str, float] = {}
         self._noise_log: list[tuple[float, float]] = []  # (‖ξ‖, ‖ξ‖/‖g‖) per step since the last log
         self._skipped_nonfinite = 0
+        # Calibration (levy_virtual_batch_size): per-direction α_K and injected scales c_inj_K, float64 CPU.
+        self.calibrated_alpha_K: Tensor | None = None
+        self.calibrated_scale_K: Tensor | None = None
 
     # ------------------------------------------------------------------ wiring
     def attach(self, trainer: Any) -> LevyCallback:
@@ -114,6 +115,8 @@ class LevyCallback(TrainerCallback):
             return
         os.makedirs(checkpoint_dir, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.sketch.state_dict().items()}
+        if self.calibrated_scale_K is not None:
+            state.update(calibrated_alpha=self.calibrated_alpha_K, calibrated_scale=self.calibrated_scale_K)
         path = _state_file(checkpoint_dir, self.space.sharded)
         save_file(state, path, metadata={"hvp_method": str(self.hvp_method)})
 
@@ -163,9 +166,27 @@ class LevyCallback(TrainerCallback):
                 vector_device=self.space.device,
             )
         )
+        self.physical_batch_size = (
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        )
+        virtual = self.levy.levy_virtual_batch_size
+        if virtual is not None:
+            if virtual >= self.physical_batch_size:
+                raise ValueError(
+                    f"levy_virtual_batch_size={virtual} must be smaller than the physical batch size "
+                    f"{self.physical_batch_size} (per_device_train_batch_size x gradient_accumulation_steps x "
+                    "processes): the noise of a smaller batch is what the calibration imitates"
+                )
+            if self.space.sharded:
+                raise NotImplementedError(
+                    "levy_virtual_batch_size (calibration) is not available under FSDP yet; use DDP, or "
+                    "levy_scale without calibration"
+                )
         if self._pending_state is not None:
             state_dict, self._pending_state = self._pending_state, None
             state_dict["vectors"] = state_dict["vectors"].to(self.space.device, vector_dtype)
+            self.calibrated_alpha_K = state_dict.pop("calibrated_alpha", None)
+            self.calibrated_scale_K = state_dict.pop("calibrated_scale", None)
             self.sketch.load_state_dict(state_dict)
 
     def _check_sharded_settings(self) -> None:
@@ -193,6 +214,8 @@ class LevyCallback(TrainerCallback):
             # the broadcast makes that a guarantee: replicas whose noise differed would drift apart silently.
             dist.broadcast(self.sketch.vectors_PK, src=0)
             dist.broadcast(self.sketch.values_K, src=0)
+        if self._sketch_metrics and self.levy.levy_virtual_batch_size is not None:
+            self._sketch_metrics.update(self.calibrate(state.global_step))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.levy.levy_scale == 0 or not self.sketch.ready:
@@ -207,7 +230,8 @@ class LevyCallback(TrainerCallback):
             norms, ratios = zip(*self._noise_log, strict=True)
             metrics["levy/noise_norm"] = sum(norms) / len(norms)
             metrics["levy/noise_to_grad_ratio"] = sum(ratios) / len(ratios)
-            metrics["levy/alpha"] = float(self.levy.levy_alpha)
+            if self.calibrated_alpha_K is None:
+                metrics["levy/alpha"] = float(self.levy.levy_alpha)
         if self._skipped_nonfinite:
             metrics["levy/skipped_nonfinite_steps"] = float(self._skipped_nonfinite)
         logs.update(metrics)
@@ -262,6 +286,42 @@ class LevyCallback(TrainerCallback):
         total = float(sum_over_ranks(torch.tensor(float(share), dtype=torch.float64, device=space.device)))
         return lambda v_P: sum_over_ranks(hvp(v_P) * (share / total))
 
+    def calibrate(self, step: int) -> dict[str, float]:
+        """Fit the noise of batch size b along the new eigenvectors; sets the injected α_K and scales c_inj_K.
+
+        M micro-batches of b examples (indices drawn with the levy seed and ``step``) are split across the
+        ranks; their gradients' projections on V are gathered, the SαS law per direction is fitted, and
+        c_inj = c_b · (1 − (b/B)^(α−1))^(1/α) tops the physical batch's own noise up to the batch-b level.
+        """
+        start = time.perf_counter()
+        b, m = self.levy.levy_virtual_batch_size, self.levy.calibration_num_microbatches
+        generator = step_generator(self.seed + _CALIBRATION_STREAM, step)
+        indices = torch.randint(len(self.dataset), (m, b), generator=generator)
+        rank, world = _rank_and_world()
+        mine = list(range(rank, m, world))
+        projections = microbatch_projections(
+            self.model,
+            (self.collate_fn([self.dataset[int(i)] for i in indices[row]]) for row in mine),
+            self.params,
+            self.sketch.vectors_PK,
+            loss_fn=self.loss_fn,
+        ).values_MK
+        if world > 1:  # every rank fills its rows; the sum gathers the (M, K) table on all ranks
+            table = torch.zeros(m, projections.shape[1], dtype=torch.float64, device=self.space.device)
+            table[mine] = projections.to(table.device)
+            projections = sum_over_ranks(table).cpu()
+        fixed_alpha = None if self.levy.calibration_fit_alpha else self.levy.levy_alpha
+        fit = fit_directional_noise(projections, alpha=fixed_alpha)
+        self.calibrated_alpha_K = fit.alpha_K
+        self.calibrated_scale_K = injected_scale(fit.scale_K, fit.alpha_K, b, self.physical_batch_size)
+        metrics = {f"levy/fitted_alpha_{i}": float(a) for i, a in enumerate(fit.alpha_K)}
+        metrics.update(
+            {f"levy/calibrated_scale_{i}": float(c) for i, c in enumerate(self.calibrated_scale_K)}
+        )
+        metrics["curvature/calibration_gradients"] = float(m)
+        metrics["curvature/calibration_seconds"] = time.perf_counter() - start
+        return metrics
+
     def add_noise(self, step: int) -> None:
         """g ← g + ξ with ξ = V · coef (see hf_levy.noise); skipped when the gradient is not finite."""
         if all(p.grad is None for p in self.params):
@@ -272,11 +332,17 @@ class LevyCallback(TrainerCallback):
             self._skipped_nonfinite += 1  # fp16 overflow: the optimizer skips this step, so no noise either
             return
         levy = self.levy
-        unit = grad_norm if levy.levy_scale_mode == "relative" else 1.0
-        scales_K = levy.levy_scale * unit * curvature_weights(self.sketch.values_K)
+        if self.calibrated_scale_K is not None:  # calibrated: absolute scales and per-direction α
+            scales_K, alpha = levy.levy_scale * self.calibrated_scale_K, self.calibrated_alpha_K
+        else:
+            unit = grad_norm if levy.levy_scale_mode == "relative" else 1.0
+            scales_K, alpha = (
+                levy.levy_scale * unit * curvature_weights(self.sketch.values_K),
+                levy.levy_alpha,
+            )
         max_norm = levy.levy_max_noise_ratio * grad_norm if levy.levy_max_noise_ratio is not None else None
         coef_K = noise_coefficients(
-            scales_K, levy.levy_alpha, step_generator(self.seed, step), clip=levy.levy_clip, max_norm=max_norm
+            scales_K, alpha, step_generator(self.seed, step), clip=levy.levy_clip, max_norm=max_norm
         )
         # Orthonormal columns give |ξ_j| <= ‖ξ‖ = ‖coef‖, so checking the K coefficients on the host rules
         # out an overflow anywhere in ξ. Only reachable with truncation off: such a draw is dropped.

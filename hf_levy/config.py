@@ -13,6 +13,8 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
+from hf_levy.calibration import MIN_MICROBATCHES
+
 HVP_METHODS = ("auto", "autograd", "finite_difference")
 SCALE_MODES = ("relative", "absolute")
 NOISE_BASES = ("hessian", "isotropic")
@@ -71,7 +73,22 @@ class LevyArguments:
     levy_virtual_batch_size: int | None = field(
         default=None,
         metadata={
-            "help": "Batch size whose gradient noise the injected noise imitates (calibration); None: off."
+            "help": "Calibration: a batch size b whose gradient noise the injected noise imitates. At each sketch, "
+            "calibration_num_microbatches gradients of b examples are projected on the eigenvectors, α_i and the "
+            "scale c_b,i are fitted per direction, and the noise scale becomes levy_scale · c_b,i·(1 − (b/B)^(α_i−1))"
+            "^(1/α_i) (B the physical batch), so levy_scale=1 brings the noise to the batch-b level. None: off."
+        },
+    )
+    calibration_num_microbatches: int = field(
+        default=128,
+        metadata={
+            "help": "M, the micro-batch gradients per calibration (its cost: M gradients of b examples); >= 32."
+        },
+    )
+    calibration_fit_alpha: bool = field(
+        default=True,
+        metadata={
+            "help": "Fit α per direction in the calibration; False keeps levy_alpha and fits only the scales."
         },
     )
     # Parameters of the Hessian sketch
@@ -139,6 +156,14 @@ class LevyArguments:
         vbs = self.levy_virtual_batch_size
         _check(
             vbs is None or (isinstance(vbs, int) and vbs >= 1), "levy_virtual_batch_size", vbs, "None or >= 1"
+        )
+        m = self.calibration_num_microbatches
+        _check(
+            isinstance(m, int) and m >= MIN_MICROBATCHES,
+            "calibration_num_microbatches",
+            m,
+            f"an integer >= {MIN_MICROBATCHES}",
+            "fewer micro-batches cannot fit a tail index",
         )
 
     def __post_init__(self) -> None:

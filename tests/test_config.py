@@ -35,6 +35,8 @@ def config(tmp_path, **kw):
         ("lanczos_tol", 0.0),
         ("hvp_method", "exact"),
         ("levy_virtual_batch_size", 0),
+        ("calibration_num_microbatches", 8),
+        ("levy_noise_basis", "random"),
     ],
 )
 def test_bad_values_name_the_field_and_the_value(tmp_path, field, value):

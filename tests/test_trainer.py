@@ -208,3 +208,39 @@ def test_isotropic_ablation_has_the_same_noise_norms_as_the_hessian_noise(tmp_pa
     first = lambda t: next(h["levy/noise_norm"] for h in t.state.log_history if "levy/noise_norm" in h)  # noqa: E731
     assert first(hessian) == pytest.approx(first(isotropic), rel=1e-9)
     assert not torch.equal(flat_params(hessian), flat_params(isotropic))
+
+
+def test_calibration_fits_alpha_and_scales_logs_them_and_resumes_exactly(tmp_path):
+    settings = dict(
+        levy_scale=1.0,
+        levy_virtual_batch_size=2,
+        calibration_num_microbatches=32,
+        levy_max_noise_ratio=None,
+        sketch_every_n_steps=4,
+        save_strategy="steps",
+        save_steps=3,
+    )
+    full = run_levy(tmp_path, name="full", **settings)
+    callback = full.levy_callback
+    assert callback.calibrated_alpha_K.shape == (2,) and callback.calibrated_scale_K.shape == (2,)
+    assert ((callback.calibrated_alpha_K >= 0.5) & (callback.calibrated_alpha_K <= 2.0)).all()
+    assert (callback.calibrated_scale_K > 0).all()
+    first = next(h for h in full.state.log_history if "loss" in h)
+    for key in ("levy/fitted_alpha_0", "levy/calibrated_scale_1", "curvature/calibration_gradients"):
+        assert key in first, key
+    assert first["curvature/calibration_gradients"] == 32
+    saved = load_file(str(tmp_path / "full" / "checkpoint-3" / "levy_state.safetensors"))
+    assert "calibrated_alpha" in saved and "calibrated_scale" in saved
+    resumed = run_levy(tmp_path, name="resumed", resume=str(tmp_path / "full" / "checkpoint-3"), **settings)
+    assert torch.equal(flat_params(full), flat_params(resumed))
+
+
+def test_calibration_scale_zero_is_still_the_stock_run(tmp_path):
+    stock = run_stock(tmp_path)
+    levy = run_levy(tmp_path, levy_scale=0.0, levy_virtual_batch_size=2, calibration_num_microbatches=32)
+    assert torch.equal(flat_params(stock), flat_params(levy))
+
+
+def test_virtual_batch_must_be_smaller_than_the_physical_batch(tmp_path):
+    with pytest.raises(ValueError, match="levy_virtual_batch_size=8 must be smaller than the physical batch size 8"):
+        run_levy(tmp_path, levy_virtual_batch_size=8)
