@@ -5,7 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test lint clean
+.PHONY: help install test lint recipe clean
+
+RECIPE ?= recipes/modular_addition.yaml
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -19,10 +21,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -y torchvision || true
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv/ and install hf_levy editable with its dev extra (torch from $$TORCH)
+install: $(STAMP)  ## create .venv/ and install hf_levy editable with its dev extra (torch from the TORCH variable)
 
 test: $(STAMP)  ## install if needed, then run the test suite
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+recipe: $(STAMP)  ## train the default recipe's arms (stock Trainer vs LevyTrainer) and write the report
+	OMP_NUM_THREADS=1 $(BIN)/hf-levy compare --config $(RECIPE)
 
 lint: $(STAMP)  ## run ruff on the package, tests and benchmarks
 	$(BIN)/ruff check hf_levy tests benchmarks

@@ -1,0 +1,282 @@
+"""The comparison report of a recipe run: markdown tables, PNG plots and a verdict computed from the numbers.
+
+``build_report(run_dir)`` reads what :mod:`hf_levy.runner` wrote (``recipe.yaml`` and, per arm and
+seed, ``summary.json``, ``log_history.json``, ``timeline.json``) and writes ``report.md`` and
+``plots/*.png`` into ``run_dir``. It trains nothing, so ``hf-levy report`` can rebuild it at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import statistics
+from collections import defaultdict
+from typing import Any
+
+from hf_levy.recipes import load_recipe
+
+REPORT = "report.md"
+
+
+def load_runs(run_dir: pathlib.Path) -> list[dict[str, Any]]:
+    """Every finished (arm, seed) with its summary, log history and timeline, in directory order."""
+    runs = []
+    for summary_path in sorted(run_dir.glob("*/seed*/summary.json")):
+        folder = summary_path.parent
+        runs.append(
+            {
+                "summary": json.loads(summary_path.read_text()),
+                "history": json.loads((folder / "log_history.json").read_text()),
+                "timeline": json.loads((folder / "timeline.json").read_text()),
+            }
+        )
+    return runs
+
+
+def build_report(run_dir: str | pathlib.Path) -> pathlib.Path:
+    """Write ``report.md`` and ``plots/`` for ``run_dir``; returns the report's path."""
+    run_dir = pathlib.Path(run_dir)
+    recipe_path = run_dir / "recipe.yaml"
+    if not recipe_path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} holds no recipe.yaml: is it a directory written by `hf-levy compare`?"
+        )
+    recipe = load_recipe(recipe_path)
+    run_info = run_dir / "run.json"
+    name = json.loads(run_info.read_text())["recipe"] if run_info.is_file() else recipe.name
+    runs = load_runs(run_dir)
+    if not runs:
+        raise FileNotFoundError(
+            f"{run_dir} holds no finished arm (no */seed*/summary.json): run `hf-levy compare` first"
+        )
+    order = {name: i for i, name in enumerate(recipe.arms)}
+    runs.sort(key=lambda r: (order.get(r["summary"]["arm"], len(order)), r["summary"]["seed"]))
+    plots = make_plots(runs, recipe.target.metric, run_dir / "plots")
+    summaries = [r["summary"] for r in runs]
+    lines = [
+        f"# {name}: stock Trainer vs LevyTrainer",
+        "",
+        "```",
+        recipe.header,
+        "```",
+        "",
+        "## Verdict",
+        "",
+        verdict(summaries, recipe.target.metric, recipe.target.value),
+        "",
+        "## Per arm (mean ± standard deviation over seeds)",
+        "",
+        *arm_table(summaries),
+        "",
+        "## Per arm and seed",
+        "",
+        *seed_table(summaries),
+        "",
+        "## Plots",
+        "",
+        *[f"![{p.stem}](plots/{p.name})" for p in plots],
+        "",
+    ]
+    path = run_dir / REPORT
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return _fmt(values[0])
+    return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
+
+
+def by_arm(summaries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for s in summaries:
+        groups[s["arm"]].append(s)
+    return groups
+
+
+def arm_table(summaries: list[dict[str, Any]]) -> list[str]:
+    rows = [
+        "| arm | trainer | batch | α | noise | reached target | steps to target | epochs to target | seconds to target | best metric | final metric | sketch share |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for arm, group in by_arm(summaries).items():
+        first = group[0]
+        reached = [s for s in group if s["steps_to_target"] is not None]
+        pick = lambda key, items: [s[key] for s in items if s[key] is not None]  # noqa: E731
+        rows.append(
+            f"| {arm} | {first['trainer']} | {first['global_batch_size']} | {_fmt(first['levy_alpha'])} "
+            f"| {_fmt(first['levy_noise_basis'])} | {len(reached)}/{len(group)} "
+            f"| {_mean_std(pick('steps_to_target', reached))} | {_mean_std(pick('epochs_to_target', reached))} "
+            f"| {_mean_std(pick('seconds_to_target', reached))} | {_mean_std(pick('best_metric', group))} "
+            f"| {_mean_std(pick('final_metric', group))} | {_mean_std(pick('sketch_share', group))} |"
+        )
+    return rows
+
+
+def seed_table(summaries: list[dict[str, Any]]) -> list[str]:
+    keys = [
+        "arm", "seed", "steps", "final_metric", "best_metric", "final_train_loss", "steps_to_target",
+        "epochs_to_target", "seconds_to_target", "train_runtime", "samples_per_second", "sketch_share",
+    ]  # fmt: skip
+    rows = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    rows += ["| " + " | ".join(_fmt(s[k]) for k in keys) + " |" for s in summaries]
+    return rows
+
+
+def verdict(summaries: list[dict[str, Any]], metric: str, target: float) -> str:
+    """One paragraph comparing the main LevyTrainer arm with the stock arms, computed from the summaries."""
+    groups = by_arm(summaries)
+    stock = sorted(
+        (a for a, g in groups.items() if g[0]["trainer"] == "stock"),
+        key=lambda a: groups[a][0]["global_batch_size"],
+    )
+    levy = [
+        a for a, g in groups.items() if g[0]["trainer"] == "levy" and g[0]["levy_noise_basis"] == "hessian"
+    ]
+    if not stock or not levy:
+        return (
+            "Not enough arms for a verdict (it needs a stock arm and a LevyTrainer arm with Hessian noise)."
+        )
+    large, small, main = stock[-1], stock[0], levy[0]
+
+    def steps(arm: str) -> tuple[float | None, str]:
+        group = groups[arm]
+        hit = [s["steps_to_target"] for s in group if s["steps_to_target"] is not None]
+        if len(hit) < len(group):
+            most = max(s["steps"] for s in group)
+            return (
+                None,
+                f"did not reach {metric} ≥ {target} in {len(group) - len(hit)} of {len(group)} seeds (up to {most} steps)",
+            )
+        spread = f" (seeds: {', '.join(str(h) for h in hit)})" if len(hit) > 1 else ""
+        return statistics.mean(
+            hit
+        ), f"reached {metric} ≥ {target} in {statistics.mean(hit):.0f} steps{spread}"
+
+    def cost(arm: str, key: str) -> float | None:
+        values = [s[key] for s in groups[arm] if s[key] is not None]
+        return statistics.mean(values) if len(values) == len(groups[arm]) else None
+
+    main_steps, main_text = steps(main)
+    large_steps, large_text = steps(large)
+    sentences = [
+        f"At batch {groups[main][0]['global_batch_size']}, LevyTrainer ({main}) {main_text}; the stock Trainer ({large}) {large_text}."
+    ]
+    if main_steps is not None and large_steps is not None:
+        ratio = large_steps / main_steps
+        word = "fewer" if ratio > 1 else "more"
+        sentences.append(
+            f"LevyTrainer needed {max(ratio, 1 / ratio):.2f}x {word} steps than stock at the same batch size."
+        )
+    elif main_steps is not None:
+        sentences.append("LevyTrainer reached the target and stock did not.")
+    elif large_steps is not None:
+        sentences.append("Stock reached the target and LevyTrainer did not.")
+    if small != large:
+        _, small_text = steps(small)
+        sentences.append(
+            f"The small-batch stock arm ({small}, batch {groups[small][0]['global_batch_size']}) {small_text}."
+        )
+        for key, unit in (("epochs_to_target", "epochs"), ("seconds_to_target", "s")):
+            a, b = cost(small, key), cost(main, key)
+            if a is not None and b is not None:
+                sentences.append(f"To the target: {b:.3g} {unit} for {main} vs {a:.3g} {unit} for {small}.")
+    return " ".join(sentences)
+
+
+def make_plots(runs: list[dict[str, Any]], metric: str, folder: pathlib.Path) -> list[pathlib.Path]:
+    """PNG plots: metric and loss against steps and wall-clock, eigenvalues, noise ratio, α sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    def series(run: dict[str, Any], key: str) -> tuple[list[float], list[float]]:
+        points = [(h["step"], h[key]) for h in run["history"] if key in h and "step" in h]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    def seconds_at(run: dict[str, Any], steps: list[float]) -> list[float]:
+        marks = {t["step"]: t["seconds"] for t in run["timeline"]}
+        return [marks.get(s, float("nan")) for s in steps]
+
+    def figure(name: str, title: str, xlabel: str, ylabel: str, draw) -> None:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        if draw(ax):
+            ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            paths.append(folder / f"{name}.png")
+            fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    def lines(key: str, use_seconds: bool = False):
+        def draw(ax) -> bool:
+            drawn = False
+            for run in runs:
+                x, y = series(run, key)
+                if not x:
+                    continue
+                x = seconds_at(run, x) if use_seconds else x
+                s = run["summary"]
+                ax.plot(x, y, label=f"{s['arm']} (seed {s['seed']})", lw=1.2)
+                drawn = True
+            return drawn
+
+        return draw
+
+    figure("metric_vs_step", f"{metric} against optimizer steps", "optimizer step", metric, lines(metric))
+    figure(
+        "metric_vs_seconds",
+        f"{metric} against wall-clock",
+        "seconds",
+        metric,
+        lines(metric, use_seconds=True),
+    )
+    figure("loss_vs_step", "training loss", "optimizer step", "loss", lines("loss"))
+    figure(
+        "loss_vs_seconds",
+        "training loss against wall-clock",
+        "seconds",
+        "loss",
+        lines("loss", use_seconds=True),
+    )
+    figure(
+        "top_eigenvalue",
+        "top Hessian eigenvalue of the sketch",
+        "optimizer step",
+        "λ_1",
+        lines("curvature/eigenvalue_0"),
+    )
+    figure("noise_to_grad_ratio", "‖ξ‖ / ‖g‖", "optimizer step", "ratio", lines("levy/noise_to_grad_ratio"))
+
+    sweep = defaultdict(list)
+    for run in runs:
+        s = run["summary"]
+        if s["trainer"] == "levy" and s["levy_noise_basis"] == "hessian" and s["steps_to_target"] is not None:
+            sweep[s["levy_alpha"]].append(s["steps_to_target"])
+    if len(sweep) >= 2:
+
+        def draw_sweep(ax) -> bool:
+            alphas = sorted(sweep)
+            ax.plot(
+                alphas, [statistics.mean(sweep[a]) for a in alphas], "o-", label="LevyTrainer (Hessian noise)"
+            )
+            return True
+
+        figure("alpha_sweep", "steps to target against the tail index α", "α", "steps to target", draw_sweep)
+    return paths

@@ -1,0 +1,287 @@
+"""Run a recipe's arms: one arm (``hf-levy train``) or all of them, resumably (``hf-levy compare``).
+
+Each arm and seed writes into ``RUN_DIR/<arm>/seed<k>/``: ``config.json`` (the resolved config),
+``log_history.json`` (the Trainer's logs), ``timeline.json`` (wall-clock seconds at each log) and
+``summary.json`` (the numbers the report compares). An arm whose ``summary.json`` exists is not rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+
+from hf_levy import tasks
+from hf_levy.recipes import Recipe, RecipeError, Target, arm_config
+from hf_levy.trainer import LevyTrainer
+
+# Task builders a recipe can name (recipes are data, so the name must map to code somewhere).
+TASKS: dict[str, Callable[..., tasks.Task]] = {"modular_addition": tasks.modular_addition}
+SUMMARY = "summary.json"
+
+
+class TargetTracker(TrainerCallback):
+    """Records wall-clock time at every log and the first step whose eval metric reaches the target."""
+
+    def __init__(self, target: Target):
+        self.target = target
+        self.start = time.perf_counter()
+        self.timeline: list[dict[str, float]] = []
+        self.reached: dict[str, float] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.timeline.append({"step": state.global_step, "seconds": time.perf_counter() - self.start})
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get(self.target.metric)
+        if value is None or self.reached is not None:
+            return
+        better = value >= self.target.value if self.target.greater_is_better else value <= self.target.value
+        if better:
+            self.reached = {
+                "step": state.global_step,
+                "seconds": time.perf_counter() - self.start,
+                "value": value,
+            }
+            if self.target.stop:
+                control.should_training_stop = True
+
+
+def arm_dir(run_dir: str | pathlib.Path, arm: str, seed: int) -> pathlib.Path:
+    return pathlib.Path(run_dir) / arm / f"seed{seed}"
+
+
+def build_task(recipe: Recipe) -> tasks.Task:
+    spec = dict(recipe.task)
+    name = spec.pop("name")
+    if name not in TASKS:
+        raise RecipeError(f"{recipe.path}: unknown task {name!r}; available: {sorted(TASKS)}")
+    return TASKS[name](**spec)
+
+
+def train_arm(
+    recipe: Recipe, arm: str, run_dir: str | pathlib.Path, seed: int, overrides: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Train one arm with one seed and write its files; returns the summary."""
+    keep_recipe(recipe, run_dir)
+    out = arm_dir(run_dir, arm, seed)
+    task = build_task(recipe)
+    config = arm_config(
+        recipe, arm, output_dir=str(out), seed=seed, train_size=len(task.train_dataset), overrides=overrides
+    )
+    model_spec = dict(recipe.model)
+    model = tasks.build_model(
+        model_spec.pop("architecture", "LlamaForCausalLM"),
+        seed=seed,
+        vocab_size=task.vocab_size,
+        **model_spec,
+    )
+    tracker = TargetTracker(recipe.target)
+    trainer_class = LevyTrainer if recipe.arms[arm].trainer == "levy" else Trainer
+    trainer = trainer_class(
+        model=model,
+        args=config,
+        train_dataset=task.train_dataset,
+        eval_dataset=task.eval_dataset,
+        data_collator=task.data_collator,
+        compute_metrics=task.compute_metrics,
+        preprocess_logits_for_metrics=task.preprocess_logits_for_metrics,
+        callbacks=[tracker],
+    )
+    result = trainer.train()
+    out.mkdir(parents=True, exist_ok=True)
+    history = trainer.state.log_history
+    summary = summarize(recipe, arm, seed, config, history, tracker, result.metrics, len(task.train_dataset))
+    _write(
+        out / "config.json",
+        {**config.to_dict(), "trainer": recipe.arms[arm].trainer, "task": recipe.task, "model": recipe.model},
+    )
+    _write(out / "log_history.json", history)
+    _write(out / "timeline.json", tracker.timeline)
+    _write(out / SUMMARY, summary)
+    return summary
+
+
+def summarize(
+    recipe: Recipe,
+    arm: str,
+    seed: int,
+    config: Any,
+    history: list[dict[str, Any]],
+    tracker: TargetTracker,
+    train_metrics: dict[str, float],
+    train_size: int,
+) -> dict[str, Any]:
+    """The per-arm numbers of the report (see docs/recipes.md for their definitions)."""
+    metric = recipe.target.metric
+    evals = [h[metric] for h in history if metric in h]
+    batch = (
+        config.per_device_train_batch_size * config.gradient_accumulation_steps * max(1, config.world_size)
+    )
+    runtime = train_metrics.get("train_runtime", float("nan"))
+    sketch_seconds = sum(h.get("curvature/sketch_seconds", 0.0) for h in history)
+    reached = tracker.reached
+    losses = [h["loss"] for h in history if "loss" in h]
+    return {
+        "arm": arm,
+        "seed": seed,
+        "trainer": recipe.arms[arm].trainer,
+        "levy_alpha": config.levy_alpha if recipe.arms[arm].trainer == "levy" else None,
+        "levy_noise_basis": config.levy_noise_basis if recipe.arms[arm].trainer == "levy" else None,
+        "levy_scale": config.levy_scale if recipe.arms[arm].trainer == "levy" else None,
+        "global_batch_size": batch,
+        "steps": history[-1].get("step", 0) if history else 0,
+        "final_metric": evals[-1] if evals else None,
+        "best_metric": (max(evals) if recipe.target.greater_is_better else min(evals)) if evals else None,
+        "final_train_loss": losses[-1] if losses else None,
+        "steps_to_target": reached["step"] if reached else None,
+        "epochs_to_target": reached["step"] * batch / train_size if reached else None,
+        "seconds_to_target": reached["seconds"] if reached else None,
+        "train_runtime": runtime,
+        "samples_per_second": train_metrics.get("train_samples_per_second"),
+        "sketch_seconds": sketch_seconds,
+        "sketch_share": sketch_seconds / runtime if runtime and math.isfinite(runtime) else None,
+        "target": {"metric": metric, "value": recipe.target.value},
+    }
+
+
+def compare(
+    recipe: Recipe,
+    run_dir: str | pathlib.Path,
+    *,
+    seeds: list[int] | None = None,
+    arms: list[str] | None = None,
+    overrides: dict[str, str] | None = None,
+    progress: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Train every (arm, seed) not yet finished in ``run_dir``; returns all summaries."""
+    seeds = seeds if seeds is not None else recipe.seeds
+    arms = arms or list(recipe.arms)
+    for name in arms:
+        if name not in recipe.arms:
+            raise RecipeError(f"{recipe.path}: no arm {name!r}; arms: {sorted(recipe.arms)}")
+    keep_recipe(recipe, run_dir)
+    summaries = []
+    jobs = [(arm, seed) for seed in seeds for arm in arms]
+    for i, (arm, seed) in enumerate(jobs, 1):
+        path = arm_dir(run_dir, arm, seed) / SUMMARY
+        if path.is_file():
+            progress(f"[{i}/{len(jobs)}] {arm} seed {seed}: already done, kept")
+            summaries.append(json.loads(path.read_text()))
+            continue
+        progress(f"[{i}/{len(jobs)}] {arm} seed {seed}: training")
+        start = time.perf_counter()
+        summaries.append(train_arm(recipe, arm, run_dir, seed, overrides))
+        progress(f"[{i}/{len(jobs)}] {arm} seed {seed}: done in {time.perf_counter() - start:.0f} s")
+    return summaries
+
+
+def tail_index_report(
+    recipe: Recipe,
+    batch_sizes: list[int],
+    output_dir: str | pathlib.Path,
+    *,
+    checkpoint: str | None = None,
+    num_batches: int = 256,
+    num_eigenpairs: int = 4,
+    sketch_batch_size: int = 256,
+    seed: int = 0,
+) -> tuple[pathlib.Path, pathlib.Path]:
+    """``hf-levy tail-index``: α̂ of the gradient noise against batch size, pooled and per eigen-direction.
+
+    The model is the recipe's at initialization, or loaded from ``checkpoint`` (a directory written by
+    ``save_pretrained``/a Trainer checkpoint). The directions are its top ``num_eigenpairs`` Hessian
+    eigenvectors on a seeded sketch batch of the train set. Writes ``tail_index.md`` and
+    ``tail_index.png`` into ``output_dir``; returns their paths.
+    """
+    import torch
+
+    from hf_levy.diagnostics import format_table, plot_tail_index, tail_index_profile
+    from hf_levy.hvp import make_hvp
+    from hf_levy.lanczos import lanczos
+    from hf_levy.noise import step_generator
+    from hf_levy.params import num_elements, trainable_parameters
+
+    task = build_task(recipe)
+    if checkpoint is not None:
+        import transformers
+
+        model_spec = dict(recipe.model)
+        architecture = getattr(transformers, model_spec.pop("architecture", "LlamaForCausalLM"))
+        if not pathlib.Path(checkpoint).is_dir():
+            raise FileNotFoundError(
+                f"checkpoint {checkpoint!r} is not a directory (a checkpoint-N folder of a run)"
+            )
+        model = architecture.from_pretrained(checkpoint)
+    else:
+        model_spec = dict(recipe.model)
+        model = tasks.build_model(
+            model_spec.pop("architecture", "LlamaForCausalLM"),
+            seed=seed,
+            vocab_size=task.vocab_size,
+            **model_spec,
+        )
+    params = trainable_parameters(model)
+    dataset, collate = task.train_dataset, task.data_collator
+    if max(batch_sizes) > len(dataset):
+        raise RecipeError(f"batch size {max(batch_sizes)} exceeds the {len(dataset)} training examples")
+    picks = torch.randperm(len(dataset), generator=step_generator(seed, 0))[
+        : min(sketch_batch_size, len(dataset))
+    ]
+    sketch_batch = collate([dataset[int(i)] for i in picks])
+    pairs = lanczos(
+        make_hvp(model, sketch_batch, params),
+        num_elements(params),
+        num_eigenpairs,
+        generator=step_generator(seed, 1),
+    )
+    rows = tail_index_profile(
+        model,
+        dataset,
+        collate,
+        params,
+        batch_sizes,
+        num_batches=num_batches,
+        vectors_PK=pairs.vectors,
+        seed=seed,
+    )
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    values = ", ".join(f"{v:.4g}" for v in pairs.values.tolist())
+    table = out / "tail_index.md"
+    table.write_text(
+        f"# Tail index of the gradient noise: {recipe.name}\n\n"
+        f"Model: {'checkpoint ' + checkpoint if checkpoint else 'at initialization (seed ' + str(seed) + ')'}; "
+        f"{num_batches} mini-batch gradients per batch size; directions v_i: top-{num_eigenpairs} Hessian "
+        f"eigenvectors (eigenvalues {values}) on {len(picks)} training examples.\n\n{format_table(rows)}\n"
+    )
+    plot = out / "tail_index.png"
+    plot_tail_index(rows, plot)
+    return table, plot
+
+
+def keep_recipe(recipe: Recipe, run_dir: str | pathlib.Path) -> None:
+    """Copy the recipe into ``run_dir`` so that ``hf-levy report RUN_DIR`` needs nothing else."""
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    copy = run_dir / "recipe.yaml"
+    if not copy.is_file() or copy.read_text() != recipe.path.read_text():
+        if copy.is_file() and any(run_dir.glob("*/seed*/summary.json")):
+            raise RecipeError(
+                f"{run_dir} holds finished arms of a different recipe.yaml; use another --output_dir or delete it"
+            )
+        shutil.copyfile(recipe.path, copy)
+    (run_dir / "run.json").write_text(json.dumps({"recipe": recipe.name, "source": str(recipe.path)}))
+
+
+def _write(path: pathlib.Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, default=str))

@@ -1,0 +1,152 @@
+"""Generated tasks for the recipes: modular addition (the grokking testbed) and tiny models from config.
+
+Modular addition (Power et al. 2022; Nanda et al. 2023): every pair (a, b) with 0 ≤ a, b < p, the
+sequence ``[a, b, EQ, c]`` with ``c = (a + b) mod p`` and ``EQ`` the token ``p``. In the Hugging Face
+causal-LM convention ``labels`` are aligned with ``input_ids`` and the model shifts them internally
+(the logit at position t is scored against ``labels[t + 1]``), so ``labels = [-100, -100, -100, c]``
+makes the logit at the ``EQ`` position predict ``c`` and nothing else counts in the loss. The pairs
+are split into train and test by a seeded generator; the global RNG is never touched.
+
+Nothing is downloaded: the data is generated, the model is built from its config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import EvalPrediction, default_data_collator
+
+IGNORE_INDEX = -100
+# The answer is the last token; its logit sits one position earlier (the EQ token), see the module docstring.
+ANSWER_POSITION = -1
+ANSWER_LOGIT_POSITION = -2
+
+
+@dataclass
+class Task:
+    """A generated supervised task, ready for ``transformers.Trainer``.
+
+    ``preprocess_logits_for_metrics`` keeps only the argmax at the answer's logit position, so the
+    evaluation holds one integer per example instead of the full (examples, length, vocab) logits;
+    ``compute_metrics`` then returns ``{"accuracy": ...}`` over the answer tokens.
+    """
+
+    train_dataset: Dataset
+    eval_dataset: Dataset
+    data_collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    compute_metrics: Callable[[EvalPrediction], dict[str, float]]
+    preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    vocab_size: int
+    description: str
+
+
+def answer_predictions(logits: torch.Tensor | tuple, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The predicted answer token of each example: argmax of the logits at the EQ position, shape (B,)."""
+    if isinstance(logits, tuple):  # models that return extra outputs (past_key_values, ...) put logits first
+        logits = logits[0]
+    return logits[:, ANSWER_LOGIT_POSITION, :].argmax(dim=-1)
+
+
+def answer_accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
+    """Fraction of examples whose predicted answer equals the label of the answer position."""
+    predictions = np.asarray(eval_pred.predictions).reshape(-1)
+    answers = np.asarray(eval_pred.label_ids)[:, ANSWER_POSITION]
+    if predictions.shape != answers.shape:
+        raise ValueError(
+            f"got {predictions.shape[0]} predictions for {answers.shape[0]} examples: pass "
+            "preprocess_logits_for_metrics=task.preprocess_logits_for_metrics to the Trainer"
+        )
+    return {"accuracy": float((predictions == answers).mean())}
+
+
+def modular_addition(modulus: int = 97, train_fraction: float = 0.3, seed: int = 0) -> Task:
+    """All p² pairs of ``a + b mod p`` as ``[a, b, EQ, c]``; a seeded ``train_fraction`` of them for training.
+
+    The vocabulary is ``0 … p`` (``p`` is EQ), so ``vocab_size = p + 1``. The train set holds
+    ``round(train_fraction · p²)`` pairs, the test set the rest; the split depends only on ``seed``.
+    """
+    if isinstance(modulus, bool) or not isinstance(modulus, int) or modulus < 2:
+        raise ValueError(f"modulus must be an integer >= 2, got {modulus!r}: e.g. modulus=97 (a prime)")
+    if not 0 < train_fraction < 1:
+        raise ValueError(
+            f"train_fraction must be in (0, 1), got {train_fraction!r}: e.g. 0.3 (30% of the pairs train, "
+            "the rest test)"
+        )
+    num_pairs = modulus * modulus
+    num_train = round(train_fraction * num_pairs)
+    if not 1 <= num_train < num_pairs:
+        raise ValueError(
+            f"train_fraction={train_fraction!r} of the {num_pairs} pairs leaves {num_train} for training and "
+            f"{num_pairs - num_train} for testing: both need at least one; raise the modulus or move "
+            "train_fraction away from 0 and 1"
+        )
+    a = torch.arange(modulus).repeat_interleave(modulus)
+    b = torch.arange(modulus).repeat(modulus)
+    answer = (a + b) % modulus
+    eq = torch.full_like(a, modulus)
+    input_ids = torch.stack([a, b, eq, answer], dim=1)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, ANSWER_POSITION] = answer
+    order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed))
+    train_idx, test_idx = order[:num_train].sort().values, order[num_train:].sort().values
+
+    def dataset(idx: torch.Tensor) -> Dataset:
+        return Dataset.from_dict({"input_ids": input_ids[idx].tolist(), "labels": labels[idx].tolist()})
+
+    return Task(
+        train_dataset=dataset(train_idx),
+        eval_dataset=dataset(test_idx),
+        data_collator=default_data_collator,
+        compute_metrics=answer_accuracy,
+        preprocess_logits_for_metrics=answer_predictions,
+        vocab_size=modulus + 1,
+        description=(
+            f"a + b mod {modulus}: {num_train} train / {num_pairs - num_train} test pairs "
+            f"(train_fraction={train_fraction}, seed={seed}), sequences [a, b, EQ={modulus}, c], "
+            "loss and accuracy on c only"
+        ),
+    )
+
+
+# Small defaults for the default architecture (LlamaConfig's own defaults describe a 7B model).
+TINY_LLAMA = dict(
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=8,
+)
+
+
+def build_model(architecture: str = "LlamaForCausalLM", *, seed: int = 0, **config_kwargs: Any) -> Any:
+    """A ``transformers`` model built from its config with freshly seeded weights; nothing is downloaded.
+
+    ``architecture`` names a model class exported by ``transformers``; ``config_kwargs`` go to its config
+    class (``vocab_size`` is required; for ``LlamaForCausalLM`` the :data:`TINY_LLAMA` sizes fill in
+    what is not given). ``attn_implementation`` defaults to ``"eager"``, which has the double backward
+    the exact Hessian-vector products need. The weights are drawn after ``torch.manual_seed(seed)``
+    inside ``torch.random.fork_rng``, so the caller's global RNG is left as it was.
+    """
+    import transformers
+
+    model_class = getattr(transformers, architecture, None) if isinstance(architecture, str) else None
+    config_class = getattr(model_class, "config_class", None)
+    if model_class is None or config_class is None or not hasattr(config_class, "model_type"):
+        raise ValueError(
+            f"architecture must name a model class exported by transformers, got {architecture!r}: e.g. "
+            "'LlamaForCausalLM'"
+        )
+    if "vocab_size" not in config_kwargs:
+        raise ValueError(f"build_model({architecture!r}) needs vocab_size: pass vocab_size=task.vocab_size")
+    kwargs = {**(TINY_LLAMA if architecture == "LlamaForCausalLM" else {}), **config_kwargs}
+    kwargs.setdefault("attn_implementation", "eager")
+    config = config_class(**kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_class(config)

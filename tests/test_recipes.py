@@ -1,0 +1,117 @@
+"""Recipes parse into configs; the CLI layers defaults < YAML < flags; compare runs end to end."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import yaml
+
+from hf_levy import LevyConfig
+from hf_levy.cli import main
+from hf_levy.recipes import RecipeError, arm_config, load_recipe, parse_overrides
+
+RECIPES = sorted((pathlib.Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+DEFAULT = pathlib.Path(__file__).parents[1] / "recipes" / "modular_addition.yaml"
+
+
+def test_there_are_recipes():
+    assert DEFAULT in RECIPES
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_parses_into_its_configs(path, tmp_path):
+    recipe = load_recipe(path)
+    assert recipe.header.strip(), "each recipe starts with a header comment (command, hardware, runtime, outcome)"
+    for arm in recipe.arms:
+        config = arm_config(recipe, arm, output_dir=str(tmp_path / arm), seed=0, train_size=100)
+        assert isinstance(config, LevyConfig)
+
+
+def test_layering_defaults_then_yaml_then_arm_then_flags(tmp_path):
+    recipe = load_recipe(DEFAULT)
+    arm = next(a for a, spec in recipe.arms.items() if spec.trainer == "levy")
+    config = arm_config(recipe, arm, output_dir=str(tmp_path), seed=3, train_size=100)
+    assert config.learning_rate == recipe.args["learning_rate"]  # YAML over the default
+    assert config.levy_alpha == recipe.arms[arm].fields["levy_alpha"]  # arm over the shared args
+    assert config.lanczos_tol == LevyConfig("x").lanczos_tol  # untouched fields keep their defaults
+    assert config.per_device_train_batch_size == 100  # "full" is the train set
+    flagged = arm_config(
+        recipe, arm, output_dir=str(tmp_path), seed=3, train_size=100, overrides=parse_overrides(["--levy_alpha", "1.1"])
+    )
+    assert flagged.levy_alpha == 1.1 and flagged.seed == 3
+
+
+def write(tmp_path, data) -> pathlib.Path:
+    path = tmp_path / "r.yaml"
+    path.write_text("# header\n" + yaml.safe_dump(data))
+    return path
+
+
+def minimal(**changes):
+    data = {
+        "task": {"name": "modular_addition", "modulus": 7, "train_fraction": 0.5},
+        "model": {"hidden_size": 16, "intermediate_size": 32},
+        "args": {"max_steps": 2},
+        "arms": {"levy": {"trainer": "levy"}},
+    }
+    data.update(changes)
+    return data
+
+
+def test_unknown_keys_are_errors_with_a_suggestion(tmp_path):
+    with pytest.raises(RecipeError, match="levy_alpah.*did you mean 'levy_alpha'"):
+        load_recipe(write(tmp_path, minimal(args={"levy_alpah": 1.2})))
+    with pytest.raises(RecipeError, match="unknown top-level keys"):
+        load_recipe(write(tmp_path, minimal(extras=1)))
+    with pytest.raises(RecipeError, match="trainer: stock or levy"):
+        load_recipe(write(tmp_path, minimal(arms={"a": {"trainer": "fast"}})))
+    with pytest.raises(RecipeError, match="learnig_rate"):
+        parse_overrides(["--learnig_rate", "1"])
+
+
+def test_missing_file_and_bad_values_say_what_to_do(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="levy_alpha"):
+        recipe = load_recipe(write(tmp_path, minimal(arms={"levy": {"trainer": "levy", "levy_alpha": 3.0}})))
+        arm_config(recipe, "levy", output_dir=str(tmp_path), seed=0, train_size=10)
+
+
+def test_every_command_has_a_useful_help(capsys):
+    for command in (["--help"], ["train", "--help"], ["compare", "--help"], ["report", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            main(command)
+        assert info.value.code == 0
+        assert len(capsys.readouterr().out) > 200
+
+
+def test_compare_on_the_default_recipe_runs_end_to_end_and_resumes(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    flags = ["--max_steps", "4", "--eval_steps", "2", "--logging_steps", "2", "--sketch_batch_size", "32"]
+    assert main(["compare", "--config", str(DEFAULT), "--output_dir", str(run_dir), *flags]) == 0
+    recipe = load_recipe(DEFAULT)
+    for arm in recipe.arms:
+        summary = json.loads((run_dir / arm / "seed0" / "summary.json").read_text())
+        assert summary["steps"] == 4 and summary["arm"] == arm
+    report = (run_dir / "report.md").read_text()
+    assert "## Verdict" in report and "LevyTrainer" in report
+    for plot in ("metric_vs_step", "metric_vs_seconds", "loss_vs_step", "top_eigenvalue", "noise_to_grad_ratio"):
+        assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 1000, plot
+    capsys.readouterr()
+    assert main(["compare", "--config", str(DEFAULT), "--output_dir", str(run_dir), *flags]) == 0
+    assert capsys.readouterr().out.count("already done") == len(recipe.arms)
+    assert main(["report", str(run_dir)]) == 0
+
+
+def test_tail_index_command_writes_the_table_and_the_plot(tmp_path, capsys):
+    out = tmp_path / "ti"
+    code = main(
+        ["tail-index", "--config", str(DEFAULT), "--batch-sizes", "1,8", "--num-batches", "32",
+         "--num-eigenpairs", "2", "--output_dir", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    table = (out / "tail_index.md").read_text()
+    assert "| 8 | v1 |" in table and "pooled" in table
+    assert (out / "tail_index.png").stat().st_size > 1000
