@@ -155,7 +155,10 @@ class LevyCallback(TrainerCallback):
                 f"sketch_batch_size={self.levy.sketch_batch_size} exceeds the {len(self.dataset)} training "
                 "examples; lower sketch_batch_size"
             )
-        vector_dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
+        vector_dtype = (
+            torch.float64 if self.params[0].dtype == torch.float64 else getattr(torch, self.levy.sketch_dtype)
+        )
+        vector_device = torch.device("cpu") if self.levy.sketch_offload_to_cpu else self.space.device
         self.sketch = HessianSketch(
             SketchSettings(
                 num_eigenpairs=min(self.levy.num_eigenpairs, self.space.dim),
@@ -163,7 +166,7 @@ class LevyCallback(TrainerCallback):
                 tol=self.levy.lanczos_tol,
                 seed=self.seed,
                 vector_dtype=vector_dtype,
-                vector_device=self.space.device,
+                vector_device=vector_device,
             )
         )
         self.physical_batch_size = (
@@ -184,7 +187,7 @@ class LevyCallback(TrainerCallback):
                 )
         if self._pending_state is not None:
             state_dict, self._pending_state = self._pending_state, None
-            state_dict["vectors"] = state_dict["vectors"].to(self.space.device, vector_dtype)
+            state_dict["vectors"] = state_dict["vectors"].to(vector_device, vector_dtype)
             self.calibrated_alpha_K = state_dict.pop("calibrated_alpha", None)
             self.calibrated_scale_K = state_dict.pop("calibrated_scale", None)
             self.sketch.load_state_dict(state_dict)
@@ -212,8 +215,8 @@ class LevyCallback(TrainerCallback):
         if _rank_and_world()[1] > 1 and self.sketch.ready and not self.space.sharded:
             # Every rank ran the same Lanczos on the same averaged products, so the vectors already agree;
             # the broadcast makes that a guarantee: replicas whose noise differed would drift apart silently.
-            dist.broadcast(self.sketch.vectors_PK, src=0)
-            dist.broadcast(self.sketch.values_K, src=0)
+            self.space.broadcast_(self.sketch.vectors_PK)
+            self.space.broadcast_(self.sketch.values_K)
         if self._sketch_metrics and self.levy.levy_virtual_batch_size is not None:
             self._sketch_metrics.update(self.calibrate(state.global_step))
 
@@ -284,7 +287,7 @@ class LevyCallback(TrainerCallback):
         if _rank_and_world()[1] == 1:
             return hvp
         total = float(sum_over_ranks(torch.tensor(float(share), dtype=torch.float64, device=space.device)))
-        return lambda v_P: sum_over_ranks(hvp(v_P) * (share / total))
+        return lambda v_P: sum_over_ranks(hvp(v_P.to(space.device)) * (share / total)).to(v_P.device)
 
     def calibrate(self, step: int) -> dict[str, float]:
         """Fit the noise of batch size b along the new eigenvectors; sets the injected α_K and scales c_inj_K.

@@ -17,6 +17,7 @@ from hf_levy.calibration import MIN_MICROBATCHES
 
 HVP_METHODS = ("auto", "autograd", "finite_difference")
 SCALE_MODES = ("relative", "absolute")
+SKETCH_DTYPES = ("float32", "bfloat16")
 NOISE_BASES = ("hessian", "isotropic")
 
 
@@ -112,6 +113,20 @@ class LevyArguments:
         default=1e-3,
         metadata={"help": "Lanczos stops once every top-K Ritz pair has relative residual <= tol."},
     )
+    sketch_dtype: Literal["float32", "bfloat16"] = field(
+        default="float32",
+        metadata={
+            "help": "Storage of the eigenvectors and the Lanczos basis (reductions stay float64). bfloat16 halves "
+            "the sketch's memory, 2·P·(K + lanczos_num_iters) bytes, at about 1e-2 relative eigenvalue accuracy."
+        },
+    )
+    sketch_offload_to_cpu: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the eigenvectors and the Lanczos basis in CPU memory (each product moves one vector to "
+            "the accelerator and back): for full fine-tunes whose P·(K + lanczos_num_iters) vectors do not fit."
+        },
+    )
     hvp_method: Literal["auto", "autograd", "finite_difference"] = field(
         default="auto",
         metadata={
@@ -151,6 +166,9 @@ class LevyArguments:
             "levy_noise_basis",
             self.levy_noise_basis,
             f"one of {NOISE_BASES}",
+        )
+        _check(
+            self.sketch_dtype in SKETCH_DTYPES, "sketch_dtype", self.sketch_dtype, f"one of {SKETCH_DTYPES}"
         )
         _check(self.hvp_method in HVP_METHODS, "hvp_method", self.hvp_method, f"one of {HVP_METHODS}")
         vbs = self.levy_virtual_batch_size

@@ -92,13 +92,22 @@ def make_hvp(
     batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
     closure = _LossClosure(model, batch, loss_fn, device)
     if method == "finite_difference":
-        return _finite_difference_hvp(closure, params, fd_step)
+        return _on_device(_finite_difference_hvp(closure, params, fd_step), device)
     if any(is_sharded(p) for p in params):
         raise DoubleBackwardError(
             "double backward is not available on FSDP-sharded (DTensor) parameters: the forward uses "
             "all-gathered copies, so the shards are not in the graph. Use method='finite_difference'."
         )
-    return _autograd_hvp(closure, params, reuse_graph)
+    return _on_device(_autograd_hvp(closure, params, reuse_graph), device)
+
+
+def _on_device(hvp: Callable[[Tensor], Tensor], device: torch.device) -> Callable[[Tensor], Tensor]:
+    """Accept v on any device (e.g. vectors kept in CPU memory) and return H v beside it."""
+
+    def moved(v_P: Tensor) -> Tensor:
+        return hvp(v_P.to(device)).to(v_P.device) if v_P.device != device else hvp(v_P)
+
+    return moved
 
 
 def finite_difference_step(params: Sequence[Tensor], dtype: torch.dtype | None = None) -> float:

@@ -90,8 +90,20 @@ class ParameterSpace:
         return local_view(self.params[0]).device
 
     def reduce(self, partial: Tensor) -> Tensor:
-        """Global inner products from local ones: a sum over ranks when sharded, else the identity."""
-        return sum_over_ranks(partial) if self.sharded else partial
+        """Global inner products from local ones: a sum over ranks when sharded, else the identity.
+
+        The sum runs on the parameters' device (NCCL reduces only accelerator tensors), whatever device
+        the partials were computed on (vectors may live in CPU memory).
+        """
+        if not self.sharded:
+            return partial
+        return sum_over_ranks(partial.to(self.device)).to(partial.device)
+
+    def broadcast_(self, t: Tensor, src: int = 0) -> Tensor:
+        """Overwrite ``t`` with rank ``src``'s copy, sent through the parameters' device; returns ``t``."""
+        sent = t.to(self.device)
+        dist.broadcast(sent, src=src)
+        return t.copy_(sent)
 
     def pad(self, flat: Tensor) -> Tensor:
         """A local flat vector (P_local,) padded with zeros to (dim,)."""
@@ -116,4 +128,5 @@ class ParameterSpace:
         for p, piece in zip(self.params, unflatten(self.unpad(flat_P), self.params), strict=True):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            local_view(p.grad).add_(piece.to(local_view(p.grad).dtype))
+            grad = local_view(p.grad)
+            grad.add_(piece.to(device=grad.device, dtype=grad.dtype))

@@ -244,3 +244,18 @@ def test_calibration_scale_zero_is_still_the_stock_run(tmp_path):
 def test_virtual_batch_must_be_smaller_than_the_physical_batch(tmp_path):
     with pytest.raises(ValueError, match="levy_virtual_batch_size=8 must be smaller than the physical batch size 8"):
         run_levy(tmp_path, levy_virtual_batch_size=8)
+
+
+def test_bfloat16_sketch_storage_gives_close_eigenvalues_and_finite_training(tmp_path):
+    exact = run_levy(tmp_path, name="f32", max_steps=1, levy_scale=0.5, lanczos_num_iters=16)
+    half = run_levy(tmp_path, name="bf16", max_steps=1, levy_scale=0.5, lanczos_num_iters=16, sketch_dtype="bfloat16")
+    assert half.levy_callback.sketch.vectors_PK.dtype == torch.bfloat16
+    eig = lambda t: torch.tensor([t.state.log_history[0][f"curvature/eigenvalue_{i}"] for i in range(2)])  # noqa: E731
+    torch.testing.assert_close(eig(half), eig(exact), rtol=2e-2, atol=0)
+    assert torch.isfinite(flat_params(half)).all()
+
+
+def test_offloaded_sketch_lives_in_cpu_memory(tmp_path):
+    trainer = run_levy(tmp_path, max_steps=2, levy_scale=0.5, sketch_offload_to_cpu=True)
+    assert trainer.levy_callback.sketch.vectors_PK.device.type == "cpu"
+    assert trainer.levy_callback.noise_draws == 2
