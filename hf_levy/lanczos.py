@@ -29,6 +29,15 @@ _BREAKDOWN_EPS_POWER = 2.0 / 3.0
 # Float64 accumulation casts this many basis entries at a time: the scratch stays in cache (measured at
 # P = 1M, 60 rows, one thread: 2-4x a float32 gemv, against 35x for casting the whole basis at once).
 _CHUNK_NUMEL = 1 << 19
+# On an accelerator, chunks this large keep kernel launches few (a 0.57B-parameter sketch on an H200 spent
+# most of its time launching 2^19-entry chunks) while the float64 scratch stays at 1 GB; every chunked
+# operand also stays far below 2^31 elements, where large matrix products fell back to full copies.
+_CHUNK_NUMEL_ACCELERATOR = 1 << 27
+
+
+def _columns_per_chunk(rows: int, device: torch.device) -> int:
+    budget = _CHUNK_NUMEL if device.type == "cpu" else _CHUNK_NUMEL_ACCELERATOR
+    return max(1, budget // max(rows, 1))
 
 
 @dataclass(frozen=True)
@@ -56,10 +65,30 @@ def _local_inner(a_XP: Tensor, b_YP: Tensor) -> Tensor:
     if a_XP.dtype == torch.float64:
         return a_XP @ b_YP.T
     out_XY = torch.zeros(a_XP.shape[0], b_YP.shape[0], dtype=torch.float64, device=a_XP.device)
-    step = max(1, _CHUNK_NUMEL // max(a_XP.shape[0], b_YP.shape[0]))
+    step = _columns_per_chunk(max(a_XP.shape[0], b_YP.shape[0]), a_XP.device)
     for start in range(0, a_XP.shape[1], step):
         out_XY += a_XP[:, start : start + step].double() @ b_YP[:, start : start + step].double().T
     return out_XY
+
+
+def _minus_combination(w_P: Tensor, coeffs_X: Tensor, basis_XP: Tensor) -> Tensor:
+    """w − coeffs·basis as a new tensor (matvec may own w), computed in column chunks of the basis."""
+    out_P = w_P.clone()
+    coeffs_1X = coeffs_X.to(w_P.dtype)[None]
+    step = _columns_per_chunk(basis_XP.shape[0], basis_XP.device)
+    for start in range(0, basis_XP.shape[1], step):
+        out_P[start : start + step] -= (coeffs_1X @ basis_XP[:, start : start + step])[0]
+    return out_P
+
+
+def _combine_rows(weights_XK: Tensor, basis_XP: Tensor) -> Tensor:
+    """weights_XKᵀ · basis_XP as a (K, P) tensor, in column chunks of the basis."""
+    out_KP = torch.empty(weights_XK.shape[1], basis_XP.shape[1], dtype=basis_XP.dtype, device=basis_XP.device)
+    weights_KX = weights_XK.T.to(basis_XP.dtype)
+    step = _columns_per_chunk(basis_XP.shape[0], basis_XP.device)
+    for start in range(0, basis_XP.shape[1], step):
+        out_KP[:, start : start + step] = weights_KX @ basis_XP[:, start : start + step]
+    return out_KP
 
 
 def _top_ritz(diag: list[float], offdiag: list[float], k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -163,9 +192,9 @@ def lanczos(
     def orthogonalize(w_P: Tensor, basis_XP: Tensor) -> tuple[Tensor, Tensor]:
         # Classical Gram-Schmidt twice ("twice is enough"): two BLAS-2 passes, two reductions.
         coeffs_X = inner(basis_XP, w_P[None])[:, 0]
-        w_P = w_P - coeffs_X.to(w_P.dtype) @ basis_XP  # not in place: matvec may own its output
+        w_P = _minus_combination(w_P, coeffs_X, basis_XP)
         again_X = inner(basis_XP, w_P[None])[:, 0]
-        return w_P - again_X.to(w_P.dtype) @ basis_XP, coeffs_X + again_X
+        return _minus_combination(w_P, again_X, basis_XP), coeffs_X + again_X
 
     def randn() -> Tensor:
         return torch.randn(dim, generator=generator, device=generator.device, dtype=dtype).to(device)
@@ -236,5 +265,7 @@ def lanczos(
             offdiag_j = norm(w_P)
         q_P = w_P / offdiag_j
 
-    vectors_PK = basis_MP[: len(diag)].T @ ritz_MK.to(device, dtype)
+    # Stored as K contiguous rows and returned as their (P, K) transpose view: the noise V·c then runs as
+    # one efficient pass over P (a row-major (P, K) layout makes it a skinny product of K-long dots).
+    vectors_PK = _combine_rows(ritz_MK.to(device), basis_MP[: len(diag)]).T
     return Eigenpairs(values_K, vectors_PK, residuals_K, len(diag), converged)

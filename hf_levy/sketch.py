@@ -93,9 +93,11 @@ class HessianSketch:
     def state_dict(self) -> dict[str, Tensor]:
         if not self.ready:
             return {}
+        # Saved as the K rows that lanczos keeps contiguous, so a restored sketch has the same memory layout
+        # (and therefore bitwise the same noise) as the one it replaces.
         return {
             "values": self.values_K,
-            "vectors": self.vectors_PK.contiguous(),
+            "vectors_KP": self.vectors_PK.T.contiguous(),
             "step": torch.tensor(self.step, dtype=torch.int64),
         }
 
@@ -103,7 +105,7 @@ class HessianSketch:
         if not state:
             return
         self.values_K = state["values"].double().cpu()
-        self.vectors_PK = state["vectors"]
+        self.vectors_PK = state["vectors_KP"].T
         self.step = int(state["step"])
 
 
