@@ -1,0 +1,293 @@
+"""GPU profile at real model size: Trainer vs LevyTrainer throughput, one sketch's cost, sampler speed.
+
+One prepared script for a machine with one H100/H200 and no network (nothing downloads: the model is
+built from its config, the data is random tokens). Writes ``gpu_profile.json`` and ``gpu_profile.md``
+into ``--out``. On a CPU-only machine ``--tiny`` runs the same code at toy size as a smoke test.
+
+    python benchmarks/gpu_profile.py --out $OUT                # ~0.8B Llama, bf16 autocast, < 8 minutes
+    python benchmarks/gpu_profile.py --tiny --out /tmp/profile  # smoke test anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.data import Dataset
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import transformers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, default_data_collator  # noqa: E402
+
+import hf_levy  # noqa: E402
+from hf_levy import LevyConfig, LevyTrainer, lanczos, make_hvp, sample_symmetric_stable, trainable_parameters  # noqa: E402
+
+
+class RandomTokens(Dataset):
+    def __init__(self, n: int, seq: int, vocab: int):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
+
+    def __len__(self):
+        return self.ids.shape[0]
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        _sync()
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        _sync()
+        self.times.append(time.perf_counter() - self._t)
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build_model(cli, attn: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=cli.vocab,
+        hidden_size=cli.hidden,
+        intermediate_size=cli.intermediate,
+        num_hidden_layers=cli.layers,
+        num_attention_heads=cli.heads,
+        num_key_value_heads=cli.heads,
+        max_position_embeddings=cli.seq,
+        attn_implementation=attn,
+    )
+    with torch.device(cli.device):  # initialize on the device: a CPU init of 0.5B weights takes long
+        return LlamaForCausalLM(config)
+
+
+def train_steps(cli, trainer_class, data, **levy) -> tuple[list[float], dict]:
+    model = build_model(cli, "sdpa")
+    common = dict(
+        output_dir=os.path.join(cli.out, "trainer"),
+        per_device_train_batch_size=cli.batch,
+        max_steps=cli.steps,
+        learning_rate=1e-5,
+        bf16=cli.device == "cuda",
+        use_cpu=cli.device == "cpu",
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    args = LevyConfig(**common, **levy)
+    timer = StepTimer()
+    trainer = trainer_class(model=model, args=args, train_dataset=data, data_collator=default_data_collator)
+    trainer.callback_handler.callbacks.insert(0, timer)  # first, so a step's time includes its sketch
+    trainer.train()
+    extra = {}
+    if isinstance(trainer, LevyTrainer):
+        extra = {"hvp_method": trainer.levy_callback.hvp_method}
+    del trainer, model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return timer.times, extra
+
+
+def one_sketch(cli, attn: str, method: str) -> dict:
+    model = build_model(cli, attn)
+    params = trainable_parameters(model)
+    ids = torch.randint(0, cli.vocab, (cli.sketch_batch, cli.seq), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    _sync()
+    start = time.perf_counter()
+    autocast = torch.autocast(cli.device, dtype=torch.bfloat16, enabled=cli.device == "cuda")
+    with autocast:
+        hvp = make_hvp(model, batch, params, method=method)
+        pairs = lanczos(
+            hvp, sum(p.numel() for p in params), cli.k, num_iters=cli.iters, tol=1e-3, device=cli.device
+        )
+    _sync()
+    seconds = time.perf_counter() - start
+    result = {
+        "attention": attn,
+        "method": method,
+        "seconds": seconds,
+        "products": pairs.num_matvecs,
+        "seconds_per_product": seconds / pairs.num_matvecs,
+        "top_eigenvalues": [round(float(v), 4) for v in pairs.values[:4]],
+        "converged": pairs.converged,
+    }
+    if torch.cuda.is_available():
+        result["peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    del hvp, model
+    return result
+
+
+def sampler(cli) -> list[dict]:
+    rows = []
+    for n in (10**6, 10**8 if cli.device == "cuda" else 10**6):
+        g = torch.Generator(device=cli.device).manual_seed(0)
+        for name, fn in (
+            ("torch.randn", lambda n=n, g=g: torch.randn(n, generator=g, device=cli.device)),
+            (
+                "sample_symmetric_stable(1.5)",
+                lambda n=n, g=g: sample_symmetric_stable((n,), 1.5, generator=g, device=cli.device),
+            ),
+        ):
+            fn()
+            _sync()
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                fn()
+                _sync()
+                times.append(time.perf_counter() - start)
+            rows.append({"n": n, "method": name, "ms": 1e3 * statistics.median(times)})
+    return rows
+
+
+SECTIONS = ("throughput", "sketch_fd", "sketch_exact", "sampler")
+
+
+def run_section(cli, name: str) -> object:
+    """One section's measurements (each section runs in its own process; see main)."""
+    if name == "throughput":
+        data = RandomTokens(cli.batch * (cli.steps + 2), cli.seq, cli.vocab)
+        stock, _ = train_steps(cli, Trainer, data)
+        noise, info = train_steps(
+            cli, LevyTrainer, data, num_eigenpairs=cli.k, lanczos_num_iters=cli.train_iters,
+            sketch_every_n_steps=10**6, sketch_batch_size=cli.sketch_batch, levy_scale=0.1,
+        )  # fmt: skip
+        skip = 2  # warm-up; the LevyTrainer's first step also holds its first sketch
+        t_stock, t_noise = statistics.median(stock[skip:]), statistics.median(noise[skip:])
+        sketch_seconds = noise[0] - t_noise
+        tokens = cli.batch * cli.seq
+        return {
+            "stock_tokens_per_s": tokens / t_stock,
+            "levy_noise_only_tokens_per_s": tokens / t_noise,
+            "noise_only_ratio": t_noise / t_stock,
+            "first_sketch_seconds_in_training": sketch_seconds,
+            "amortized_ratio_every_50": (50 * t_noise + sketch_seconds) / (50 * t_stock),
+            "hvp_method_auto": info.get("hvp_method"),
+            "step_seconds": {"stock": t_stock, "levy_noise_only": t_noise},
+        }
+    if name == "sketch_fd":
+        return one_sketch(cli, "sdpa", "finite_difference")
+    if name == "sketch_exact":
+        return one_sketch(cli, "eager", "autograd")
+    return sampler(cli)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_profile"))
+    parser.add_argument("--tiny", action="store_true", help="toy sizes on CPU (smoke test)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--section-timeout", type=float, default=150.0)
+    cli = parser.parse_args()
+    # ~0.57B parameters. The sketch's Lanczos basis holds `iters` float32 copies of P (2.3 GB each), so 24
+    # iterations fit an H200 (139 GB) beside the model: see docs/concepts.md#memory for what shrinks it.
+    big = dict(vocab=32000, hidden=1280, intermediate=3584, layers=24, heads=10, seq=1024, batch=8,
+               sketch_batch=4, k=8, iters=24, train_iters=16)  # fmt: skip
+    tiny = dict(vocab=256, hidden=64, intermediate=128, layers=2, heads=4, seq=64, batch=4, sketch_batch=2, k=4,
+                iters=12, train_iters=8)  # fmt: skip
+    for key, value in (tiny if cli.tiny else big).items():
+        setattr(cli, key, value)
+    cli.device = "cuda" if torch.cuda.is_available() and not cli.tiny else "cpu"
+    if cli.tiny:
+        cli.steps = min(cli.steps, 8)
+    os.makedirs(cli.out, exist_ok=True)
+    if cli.section:
+        result = run_section(cli, cli.section)
+        pathlib.Path(cli.out, f"section_{cli.section}.json").write_text(json.dumps(result))
+        return
+
+    import subprocess
+
+    t0 = time.perf_counter()
+    config = LlamaConfig(vocab_size=cli.vocab, hidden_size=cli.hidden, intermediate_size=cli.intermediate,
+                         num_hidden_layers=cli.layers, num_attention_heads=cli.heads, num_key_value_heads=cli.heads)  # fmt: skip
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    report = {
+        "device": torch.cuda.get_device_name(0) if cli.device == "cuda" else platform.processor() or "cpu",
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "hf_levy": hf_levy.__version__,
+        },
+        "sizes": {k: getattr(cli, k) for k in big},
+        "parameters": parameters,
+    }
+    print(json.dumps(report), flush=True)
+    for name in SECTIONS:
+        # Each section in its own process, so the memory one leaves behind cannot starve the next.
+        command = [sys.executable, __file__, "--out", cli.out, "--section", name, "--steps", str(cli.steps)]
+        command += ["--tiny"] if cli.tiny else []
+        try:
+            done = subprocess.run(command, timeout=cli.section_timeout, capture_output=True, text=True)
+            path = pathlib.Path(cli.out, f"section_{name}.json")
+            report[name] = json.loads(path.read_text()) if path.is_file() else {"error": done.stderr[-1500:]}
+        except subprocess.TimeoutExpired:
+            report[name] = {"error": f"timed out after {cli.section_timeout} s"}
+        print(name, json.dumps(report[name])[:1500], flush=True)
+    report["total_seconds"] = time.perf_counter() - t0
+    pathlib.Path(cli.out, "gpu_profile.json").write_text(json.dumps(report, indent=1))
+    pathlib.Path(cli.out, "gpu_profile.md").write_text(markdown(cli, report))
+    print(markdown(cli, report))
+
+
+def markdown(cli, report: dict) -> str:
+    lines = [
+        f"Device: {report['device']}; {report['parameters'] / 1e6:.0f}M-parameter Llama from config, "
+        f"batch {cli.batch}×{cli.seq} tokens, bf16 autocast; torch {report['versions']['torch']}, "
+        f"transformers {report['versions']['transformers']}.",
+        "",
+        "| measure | value |",
+        "|---|---:|",
+    ]
+    th = report.get("throughput", {})
+    if "stock_tokens_per_s" in th:
+        lines += [
+            f"| stock Trainer tokens/s | {th['stock_tokens_per_s']:.0f} |",
+            f"| LevyTrainer tokens/s, noise only | {th['levy_noise_only_tokens_per_s']:.0f} |",
+            f"| step-time ratio, noise only | {th['noise_only_ratio']:.3f} |",
+            f"| first sketch inside training (K={cli.k}, {cli.train_iters} iterations) | {th['first_sketch_seconds_in_training']:.1f} s |",
+            f"| step-time ratio with that sketch every 50 steps | {th['amortized_ratio_every_50']:.3f} |",
+            f"| hvp_method='auto' chose | {th['hvp_method_auto']} |",
+        ]
+    for name in ("sketch_fd", "sketch_exact"):
+        sk = report.get(name, {})
+        if "seconds" in sk:
+            mem = f", peak extra {sk['peak_extra_gib']:.1f} GiB" if "peak_extra_gib" in sk else ""
+            lines.append(
+                f"| one sketch, {sk['method']} ({sk['attention']} attention), K={cli.k}, sketch batch "
+                f"{cli.sketch_batch}×{cli.seq} | {sk['seconds']:.1f} s, {sk['products']} products, "
+                f"{sk['seconds_per_product']:.3f} s/product{mem} |"
+            )
+    rows = report.get("sampler")
+    for row in rows if isinstance(rows, list) else []:
+        lines.append(f"| sampler {row['method']}, n={row['n']:.0e} | {row['ms']:.3f} ms |")
+    for name in SECTIONS:
+        if isinstance(report.get(name), dict) and "error" in report[name]:
+            lines.append(f"| {name} | failed: {report[name]['error'][-200:]!r} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
