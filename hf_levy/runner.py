@@ -22,7 +22,10 @@ from hf_levy.recipes import Recipe, RecipeError, Target, arm_config
 from hf_levy.trainer import LevyTrainer
 
 # Task builders a recipe can name (recipes are data, so the name must map to code somewhere).
-TASKS: dict[str, Callable[..., tasks.Task]] = {"modular_addition": tasks.modular_addition}
+TASKS: dict[str, Callable[..., tasks.Task]] = {
+    "modular_addition": tasks.modular_addition,
+    "digits": tasks.digits,
+}
 SUMMARY = "summary.json"
 
 

@@ -135,6 +135,11 @@ def build_model(architecture: str = "LlamaForCausalLM", *, seed: int = 0, **conf
     """
     import transformers
 
+    if architecture == "MLPClassifier":  # the small non-transformer model of the digits recipe
+        config_kwargs.pop("vocab_size", None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return MLPClassifier(**config_kwargs)
     model_class = getattr(transformers, architecture, None) if isinstance(architecture, str) else None
     config_class = getattr(model_class, "config_class", None)
     if model_class is None or config_class is None or not hasattr(config_class, "model_type"):
@@ -150,3 +155,61 @@ def build_model(architecture: str = "LlamaForCausalLM", *, seed: int = 0, **conf
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return model_class(config)
+
+
+def digits(num_train: int = 500, seed: int = 0) -> Task:
+    """scikit-learn's 8×8 handwritten digits (1,797 images shipped with the package), ``num_train`` for training.
+
+    Inputs are the 64 pixel intensities scaled to [0, 1] (``pixel_values``), labels the digit; the split
+    depends only on ``seed``. The classic large-batch-gap setting (Keskar et al. 2017) at laptop scale.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:  # a recipe dependency, not a library one
+        raise ImportError("the digits task needs scikit-learn: pip install scikit-learn") from err
+    images, labels = load_digits(return_X_y=True)
+    if not 0 < num_train < len(labels):
+        raise ValueError(f"num_train must be in (0, {len(labels)}), got {num_train!r}: e.g. num_train=500")
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    pixels = torch.tensor(images / 16.0, dtype=torch.float32)
+    targets = torch.tensor(labels)
+
+    def dataset(idx: torch.Tensor) -> Dataset:
+        return Dataset.from_dict({"pixel_values": pixels[idx].tolist(), "labels": targets[idx].tolist()})
+
+    def accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
+        predictions = np.asarray(eval_pred.predictions).reshape(-1)
+        return {"accuracy": float((predictions == np.asarray(eval_pred.label_ids)).mean())}
+
+    return Task(
+        train_dataset=dataset(order[:num_train]),
+        eval_dataset=dataset(order[num_train:]),
+        data_collator=default_data_collator,
+        compute_metrics=accuracy,
+        preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(dim=-1),
+        vocab_size=10,
+        description=f"sklearn digits: {num_train} train / {len(labels) - num_train} test images, 10 classes",
+    )
+
+
+class MLPClassifier(torch.nn.Module):
+    """A ReLU multilayer perceptron ``in_features → hidden … → num_classes`` with a Trainer-style output."""
+
+    def __init__(
+        self, in_features: int = 64, hidden_sizes: tuple[int, ...] = (256, 256), num_classes: int = 10
+    ):
+        super().__init__()
+        sizes = [in_features, *hidden_sizes]
+        layers: list[torch.nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+        self.net = torch.nn.Sequential(*layers, torch.nn.Linear(sizes[-1], num_classes))
+
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        logits = self.net(pixel_values)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return out
