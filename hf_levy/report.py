@@ -62,7 +62,7 @@ def build_report(run_dir: str | pathlib.Path) -> pathlib.Path:
         "",
         "## Verdict",
         "",
-        verdict(summaries, recipe.target.metric, recipe.target.value),
+        verdict(summaries, recipe.target.metric, recipe.target.value, recipe.target.greater_is_better),
         "",
         "## Per arm (mean ± standard deviation over seeds)",
         "",
@@ -134,7 +134,9 @@ def seed_table(summaries: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
-def verdict(summaries: list[dict[str, Any]], metric: str, target: float) -> str:
+def verdict(
+    summaries: list[dict[str, Any]], metric: str, target: float, greater_is_better: bool = True
+) -> str:
     """One paragraph comparing the main LevyTrainer arm with the stock arms, computed from the summaries."""
     groups = by_arm(summaries)
     stock = sorted(
@@ -149,6 +151,7 @@ def verdict(summaries: list[dict[str, Any]], metric: str, target: float) -> str:
             "Not enough arms for a verdict (it needs a stock arm and a LevyTrainer arm with Hessian noise)."
         )
     large, small, main = stock[-1], stock[0], levy[0]
+    reach = f"{metric} {'≥' if greater_is_better else '≤'} {target}"
 
     def steps(arm: str) -> tuple[float | None, str]:
         group = groups[arm]
@@ -157,12 +160,10 @@ def verdict(summaries: list[dict[str, Any]], metric: str, target: float) -> str:
             most = max(s["steps"] for s in group)
             return (
                 None,
-                f"did not reach {metric} ≥ {target} in {len(group) - len(hit)} of {len(group)} seeds (up to {most} steps)",
+                f"did not reach {reach} in {len(group) - len(hit)} of {len(group)} seeds (up to {most} steps)",
             )
         spread = f" (seeds: {', '.join(str(h) for h in hit)})" if len(hit) > 1 else ""
-        return statistics.mean(
-            hit
-        ), f"reached {metric} ≥ {target} in {statistics.mean(hit):.0f} steps{spread}"
+        return statistics.mean(hit), f"reached {reach} in {statistics.mean(hit):.0f} steps{spread}"
 
     def cost(arm: str, key: str) -> float | None:
         values = [s[key] for s in groups[arm] if s[key] is not None]
@@ -192,6 +193,10 @@ def verdict(summaries: list[dict[str, Any]], metric: str, target: float) -> str:
             a, b = cost(small, key), cost(main, key)
             if a is not None and b is not None:
                 sentences.append(f"To the target: {b:.3g} {unit} for {main} vs {a:.3g} {unit} for {small}.")
+    finals = {arm: cost(arm, "final_metric") for arm in dict.fromkeys([main, large, small])}
+    if all(v is not None for v in finals.values()):
+        listed = ", ".join(f"{v:.4g} ({arm})" for arm, v in finals.items())
+        sentences.append(f"Final {metric}: {listed}.")
     return " ".join(sentences)
 
 

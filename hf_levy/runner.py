@@ -25,6 +25,7 @@ from hf_levy.trainer import LevyTrainer
 TASKS: dict[str, Callable[..., tasks.Task]] = {
     "modular_addition": tasks.modular_addition,
     "digits": tasks.digits,
+    "python_source_bytes": tasks.python_source_bytes,
 }
 SUMMARY = "summary.json"
 

@@ -39,8 +39,8 @@ class Task:
     train_dataset: Dataset
     eval_dataset: Dataset
     data_collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
-    compute_metrics: Callable[[EvalPrediction], dict[str, float]]
-    preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    compute_metrics: Callable[[EvalPrediction], dict[str, float]] | None
+    preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
     vocab_size: int
     description: str
 
@@ -213,3 +213,55 @@ class MLPClassifier(torch.nn.Module):
         if labels is not None:
             out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
         return out
+
+
+def python_source_bytes(
+    sequence_length: int = 64,
+    train_bytes: int = 200_000,
+    eval_bytes: int = 50_000,
+    eval_every_nth_file: int = 5,
+) -> Task:
+    """Byte-level language modelling of the Python standard library's own ``*.py`` files (on every machine).
+
+    Files are taken in sorted order; every ``eval_every_nth_file``-th file is held out for evaluation, so
+    the test text comes from files never trained on. The bytes are cut into sequences of
+    ``sequence_length`` (vocabulary 256, labels = inputs, the model shifts them). The metric is the
+    held-out loss in nats per byte (``eval_loss``); ``compute_metrics`` adds nothing.
+    """
+    import sysconfig
+    from pathlib import Path
+
+    for name, value in (
+        ("sequence_length", sequence_length),
+        ("train_bytes", train_bytes),
+        ("eval_bytes", eval_bytes),
+    ):
+        if not isinstance(value, int) or value < 2:
+            raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    if not files:
+        raise ValueError("no *.py files in this Python's standard library directory; use another task")
+    held_out = {i for i in range(len(files)) if i % eval_every_nth_file == eval_every_nth_file - 1}
+
+    def sequences(indices: list[int], budget: int) -> Dataset:
+        data = bytearray()
+        for i in indices:
+            if len(data) >= budget:
+                break
+            data += files[i].read_bytes()
+        ids = torch.tensor(list(data[: budget - budget % sequence_length]), dtype=torch.long).view(
+            -1, sequence_length
+        )
+        return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+    train = sequences([i for i in range(len(files)) if i not in held_out], train_bytes)
+    test = sequences(sorted(held_out), eval_bytes)
+    return Task(
+        train_dataset=train,
+        eval_dataset=test,
+        data_collator=default_data_collator,
+        compute_metrics=None,
+        preprocess_logits_for_metrics=None,
+        vocab_size=256,
+        description=f"stdlib bytes: {len(train)} train / {len(test)} held-out sequences of {sequence_length} bytes",
+    )

@@ -47,3 +47,18 @@ def test_mlp_loss_is_the_cross_entropy_of_its_logits():
 def test_bad_num_train_is_named():
     with pytest.raises(ValueError, match="num_train"):
         digits(num_train=0)
+
+
+def test_python_source_bytes_holds_out_whole_files():
+    import sysconfig
+    from pathlib import Path
+
+    from hf_levy.tasks import python_source_bytes
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    kept = b"".join(f.read_bytes() for i, f in enumerate(files[:40]) if i % 5 != 4)
+    held = b"".join(f.read_bytes() for i, f in enumerate(files[:40]) if i % 5 == 4)
+    task = python_source_bytes(sequence_length=16, train_bytes=4096, eval_bytes=1024)
+    assert len(task.train_dataset) == 256 and len(task.eval_dataset) == 64 and task.vocab_size == 256
+    assert bytes(sum(task.train_dataset["input_ids"], [])) == kept[:4096]
+    assert bytes(sum(task.eval_dataset["input_ids"], [])) == held[:1024]
