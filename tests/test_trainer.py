@@ -242,13 +242,17 @@ def test_calibration_scale_zero_is_still_the_stock_run(tmp_path):
 
 
 def test_virtual_batch_must_be_smaller_than_the_physical_batch(tmp_path):
-    with pytest.raises(ValueError, match="levy_virtual_batch_size=8 must be smaller than the physical batch size 8"):
+    with pytest.raises(
+        ValueError, match="levy_virtual_batch_size=8 must be smaller than the physical batch size 8"
+    ):
         run_levy(tmp_path, levy_virtual_batch_size=8)
 
 
 def test_bfloat16_sketch_storage_gives_close_eigenvalues_and_finite_training(tmp_path):
     exact = run_levy(tmp_path, name="f32", max_steps=1, levy_scale=0.5, lanczos_num_iters=16)
-    half = run_levy(tmp_path, name="bf16", max_steps=1, levy_scale=0.5, lanczos_num_iters=16, sketch_dtype="bfloat16")
+    half = run_levy(
+        tmp_path, name="bf16", max_steps=1, levy_scale=0.5, lanczos_num_iters=16, sketch_dtype="bfloat16"
+    )
     assert half.levy_callback.sketch.vectors_PK.dtype == torch.bfloat16
     eig = lambda t: torch.tensor([t.state.log_history[0][f"curvature/eigenvalue_{i}"] for i in range(2)])  # noqa: E731
     torch.testing.assert_close(eig(half), eig(exact), rtol=2e-2, atol=0)
@@ -265,7 +269,9 @@ def test_bf16_finite_difference_sketch_runs_in_float32_and_matches_exact_eigenva
     # SDPA has no double backward, so "auto" takes finite differences; under bf16 autocast those would be
     # wrong by tens of percent, so the sketch must run the model's forward without the autocast wrapper.
     exact = run_levy(tmp_path, name="exact", max_steps=1, lanczos_num_iters=16, bf16=False)
-    fd = run_levy(tmp_path, name="fd", max_steps=1, lanczos_num_iters=16, bf16=True, model_kwargs={"attn": "sdpa"})
+    fd = run_levy(
+        tmp_path, name="fd", max_steps=1, lanczos_num_iters=16, bf16=True, model_kwargs={"attn": "sdpa"}
+    )
     assert fd.levy_callback.hvp_method == "finite_difference"
     eig = lambda t: torch.tensor([t.state.log_history[0][f"curvature/eigenvalue_{i}"] for i in range(2)])  # noqa: E731
     torch.testing.assert_close(eig(fd), eig(exact), rtol=1e-2, atol=0)
