@@ -275,3 +275,21 @@ def test_bf16_finite_difference_sketch_runs_in_float32_and_matches_exact_eigenva
     assert fd.levy_callback.hvp_method == "finite_difference"
     eig = lambda t: torch.tensor([t.state.log_history[0][f"curvature/eigenvalue_{i}"] for i in range(2)])  # noqa: E731
     torch.testing.assert_close(eig(fd), eig(exact), rtol=1e-2, atol=0)
+
+
+def test_torch_compiled_model_gets_the_same_sketch_and_noise_on_every_step(tmp_path):
+    # The "eager" backend goes through torch.compile's wrapping without minutes of inductor compilation.
+    plain = run_levy(tmp_path, name="plain", max_steps=3, levy_scale=0.5)
+    compiled = run_levy(
+        tmp_path,
+        name="compiled",
+        max_steps=3,
+        levy_scale=0.5,
+        torch_compile=True,
+        torch_compile_backend="eager",
+    )
+    assert type(compiled.model_wrapped).__name__ == "OptimizedModule"
+    assert compiled.levy_callback.noise_draws == 3
+    first = lambda t: t.state.log_history[0]["curvature/eigenvalue_0"]  # noqa: E731
+    assert first(compiled) == pytest.approx(first(plain), rel=1e-6)
+    assert torch.isfinite(flat_params(compiled)).all()
