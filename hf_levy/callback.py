@@ -83,6 +83,7 @@ class LevyCallback(TrainerCallback):
         # Calibration (levy_virtual_batch_size): per-direction α_K and injected scales c_inj_K, float64 CPU.
         self.calibrated_alpha_K: Tensor | None = None
         self.calibrated_scale_K: Tensor | None = None
+        self._pre_clip_norm: Tensor | float | None = None  # this step's gradient norm before max_grad_norm
 
     # ------------------------------------------------------------------ wiring
     def attach(self, trainer: Any) -> LevyCallback:
@@ -107,6 +108,14 @@ class LevyCallback(TrainerCallback):
 
         trainer._save_checkpoint = _save_checkpoint
         trainer._load_optimizer_and_scheduler = _load_optimizer_and_scheduler
+        clip_grad_norm = getattr(trainer, "_clip_grad_norm", None)
+        if clip_grad_norm is not None:  # transformers 5.x: returns the pre-clip norm; calibration needs it
+
+            def _clip_grad_norm(model):
+                self._pre_clip_norm = clip_grad_norm(model)
+                return self._pre_clip_norm
+
+            trainer._clip_grad_norm = _clip_grad_norm
         return self
 
     def save_state(self, checkpoint_dir: str, args: Any) -> None:
@@ -348,7 +357,10 @@ class LevyCallback(TrainerCallback):
             return
         levy = self.levy
         if self.calibrated_scale_K is not None:  # calibrated: absolute scales and per-direction α
-            scales_K, alpha = levy.levy_scale * self.calibrated_scale_K, self.calibrated_alpha_K
+            # Clipping shrank this step's gradient, and with it the physical batch's own noise, by
+            # ‖g‖/‖g_raw‖; the injected noise shrinks the same way, so noise and signal keep the batch-b ratio.
+            shrink = min(1.0, grad_norm / float(self._pre_clip_norm)) if self._pre_clip_norm else 1.0
+            scales_K, alpha = levy.levy_scale * shrink * self.calibrated_scale_K, self.calibrated_alpha_K
         else:
             unit = grad_norm if levy.levy_scale_mode == "relative" else 1.0
             scales_K, alpha = (

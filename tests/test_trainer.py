@@ -293,3 +293,15 @@ def test_torch_compiled_model_gets_the_same_sketch_and_noise_on_every_step(tmp_p
     first = lambda t: t.state.log_history[0]["curvature/eigenvalue_0"]  # noqa: E731
     assert first(compiled) == pytest.approx(first(plain), rel=1e-6)
     assert torch.isfinite(flat_params(compiled)).all()
+
+
+def test_calibrated_noise_shrinks_with_gradient_clipping(tmp_path):
+    # The same run with a tight max_grad_norm: the gradient (and with it the batch's own noise) is scaled by
+    # max_grad_norm/‖g_raw‖, and the injected calibrated noise must be scaled by the same factor.
+    settings = dict(levy_scale=1.0, levy_virtual_batch_size=2, calibration_num_microbatches=32, max_steps=1)
+    free = run_levy(tmp_path, name="free", levy_max_noise_ratio=None, max_grad_norm=0.0, **settings)
+    tight = run_levy(tmp_path, name="tight", levy_max_noise_ratio=None, max_grad_norm=0.05, **settings)
+    raw = free.state.log_history[0]["grad_norm"]
+    noise = lambda t: t.state.log_history[0]["levy/noise_norm"]  # noqa: E731
+    assert raw > 0.05
+    assert noise(tight) == pytest.approx(noise(free) * 0.05 / raw, rel=1e-4)
