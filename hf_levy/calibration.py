@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from hf_levy.hvp import LossFn, _LossClosure
-from hf_levy.params import flatten, num_elements
+from hf_levy.params import checked_trainable, flatten, num_elements
 
 EULER_GAMMA = 0.5772156649015329
 # Fitted α is clipped into this range. Above 2 there is no stable law. Below 0.5 an estimate from
@@ -78,7 +78,7 @@ def loss_gradient(
     Raises:
         ValueError: empty ``params``, a parameter without ``requires_grad``, or no ``.loss``.
     """
-    params = _check_params(params)
+    params = checked_trainable(params)
     device = params[0].device
     batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
     closure = _LossClosure(model, batch, loss_fn, device)
@@ -109,7 +109,7 @@ def microbatch_projections(
     Raises:
         ValueError: ``vectors_PK`` not of shape (P, K), ``batches`` empty, or as :func:`loss_gradient`.
     """
-    params = _check_params(params)
+    params = checked_trainable(params)
     dim = num_elements(params)
     if vectors_PK.dim() != 2 or vectors_PK.shape[0] != dim:
         raise ValueError(
@@ -227,20 +227,6 @@ def injected_scale(
     ratio = virtual_batch_size / physical_batch_size
     factor = (1 - ratio ** (alpha - 1)).clamp_min(0) ** (1 / alpha)
     return scale * factor
-
-
-def _check_params(params: Sequence[Tensor]) -> list[Tensor]:
-    params = list(params)
-    if not params:
-        raise ValueError(
-            "params is empty: pass the trainable parameters (hf_levy.trainable_parameters(model))"
-        )
-    for i, p in enumerate(params):
-        if not p.requires_grad:
-            raise ValueError(
-                f"params[{i}] (shape {tuple(p.shape)}) does not require grad; pass trainable parameters only"
-            )
-    return params
 
 
 def _pairwise_log_moments(x_MK: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from hf_levy.params import flatten, is_sharded, local_view, sum_over_ranks, unflatten
+from hf_levy.params import checked_trainable, flatten, is_sharded, local_view, sum_over_ranks, unflatten
 
 HvpMethod = Literal["autograd", "finite_difference"]
 LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
@@ -77,16 +77,7 @@ def make_hvp(
     """
     if method not in ("autograd", "finite_difference"):
         raise ValueError(f"method must be 'autograd' or 'finite_difference', got {method!r}")
-    params = list(params)
-    if not params:
-        raise ValueError(
-            "params is empty: pass the trainable parameters (e.g. hf_levy.trainable_parameters(model))"
-        )
-    for i, p in enumerate(params):
-        if not p.requires_grad:
-            raise ValueError(
-                f"params[{i}] (shape {tuple(p.shape)}) does not require grad; pass trainable parameters only"
-            )
+    params = checked_trainable(params)
     if fd_step is not None and not fd_step > 0:
         raise ValueError(f"fd_step must be > 0, got {fd_step}")
     device = local_view(params[0]).device

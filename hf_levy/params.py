@@ -25,6 +25,25 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def checked_trainable(params: Sequence[Tensor]) -> list[Tensor]:
+    """``params`` as a list, after checking it is non-empty and every tensor requires grad.
+
+    Raises:
+        ValueError: naming the empty list or the index and shape of a tensor without ``requires_grad``.
+    """
+    params = list(params)
+    if not params:
+        raise ValueError(
+            "params is empty: pass the trainable parameters (e.g. hf_levy.trainable_parameters(model))"
+        )
+    for i, p in enumerate(params):
+        if not p.requires_grad:
+            raise ValueError(
+                f"params[{i}] (shape {tuple(p.shape)}) does not require grad; pass trainable parameters only"
+            )
+    return params
+
+
 def is_sharded(t: Tensor) -> bool:
     """True for a DTensor (an FSDP2 parameter or gradient shard)."""
     return hasattr(t, "to_local") and hasattr(t, "placements")
