@@ -268,6 +268,13 @@ def make_plots(runs: list[dict[str, Any]], metric: str, folder: pathlib.Path) ->
         lines("curvature/eigenvalue_0"),
     )
     figure("noise_to_grad_ratio", "‖ξ‖ / ‖g‖", "optimizer step", "ratio", lines("levy/noise_to_grad_ratio"))
+    figure(
+        "fitted_alpha",
+        "calibration: fitted α along the top eigenvector",
+        "optimizer step",
+        "α̂",
+        lines("levy/fitted_alpha_0"),
+    )
 
     sweep = defaultdict(list)
     for run in runs:

@@ -115,6 +115,7 @@ def test_compare_on_the_default_recipe_runs_end_to_end_and_resumes(tmp_path, cap
         "loss_vs_step",
         "top_eigenvalue",
         "noise_to_grad_ratio",
+        "fitted_alpha",
     ):
         assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 1000, plot
     capsys.readouterr()
