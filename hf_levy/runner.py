@@ -56,6 +56,7 @@ class TargetTracker(TrainerCallback):
         if better:
             self.reached = {
                 "step": state.global_step,
+                "epoch": state.epoch,
                 "seconds": time.perf_counter() - self.start,
                 "value": value,
             }
@@ -171,7 +172,7 @@ def summarize(
         "best_metric": (max(evals) if recipe.target.greater_is_better else min(evals)) if evals else None,
         "final_train_loss": losses[-1] if losses else None,
         "steps_to_target": reached["step"] if reached else None,
-        "epochs_to_target": reached["step"] * batch / train_size if reached else None,
+        "epochs_to_target": reached["epoch"] if reached else None,  # the Trainer's count (last batch kept)
         "seconds_to_target": reached["seconds"] if reached else None,
         "train_runtime": runtime,
         "samples_per_second": train_metrics.get("train_samples_per_second"),
