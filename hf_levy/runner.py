@@ -128,7 +128,7 @@ def train_arm(
     result = trainer.train()
     out.mkdir(parents=True, exist_ok=True)
     history = trainer.state.log_history
-    summary = summarize(recipe, arm, seed, config, history, tracker, result.metrics, len(task.train_dataset))
+    summary = summarize(recipe, arm, seed, config, history, tracker, result.metrics)
     _write(
         out / "config.json",
         {**config.to_dict(), "trainer": recipe.arms[arm].trainer, "task": recipe.task, "model": recipe.model},
@@ -147,7 +147,6 @@ def summarize(
     history: list[dict[str, Any]],
     tracker: TargetTracker,
     train_metrics: dict[str, float],
-    train_size: int,
 ) -> dict[str, Any]:
     """The per-arm numbers of the report (see docs/recipes.md for their definitions)."""
     metric = recipe.target.metric
@@ -231,7 +230,6 @@ def tail_index_report(
     eigenvectors on a seeded sketch batch of the train set. Writes ``tail_index.md`` and
     ``tail_index.png`` into ``output_dir``; returns their paths.
     """
-    import torch
 
     from hf_levy.diagnostics import format_table, plot_tail_index, tail_index_profile
     from hf_levy.hvp import make_hvp
