@@ -14,6 +14,9 @@ Outcome:  markdown tables; the default parts are
      `--grad-accum G` makes the training batch G x 32 with the same 32-example sketch batch.
   3. `--part chvp`: c_hvp measured side by side, a gradient and an exact product on the same 32 x 128 batch.
   4. `--part profile`: cProfile of one sketch refresh and of add_noise (K = 16) on the last size given.
+  5. `--part budget`: the defaults plus `sketch_max_overhead` (default 0.1) on the first size, each arm
+     trained alone (the budget times LevyTrainer's own steps, which round-robin turns would inflate):
+     where the refreshes fell and the ratio over the whole run and per period. Target: <= 1 + budget.
 
 Method. Models are LlamaForCausalLM built from config (eager attention, vocab 256, seed 0); the batch is
 32 x 128 random tokens (labels = inputs). Every arm is a real `trainer.train()` on its own deep copy of the
@@ -329,6 +332,55 @@ def amortized_part(sizes, seq_len, batch, periods_for, period, grad_accum, sketc
     return rows
 
 
+class SoloClock(TrainerCallback):
+    """Times each optimizer step (on_step_begin -> on_step_end) of a trainer that runs alone."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self.start)
+
+
+def budget_part(size, seq_len, batch, steps, budget) -> list[str]:
+    fields = {
+        name: DEFAULTS[name] for name in ("num_eigenpairs", "sketch_every_n_steps", "sketch_batch_size")
+    }
+    arms = make_arms(size, seq_len, batch, steps, {"LevyTrainer": {**fields, "sketch_max_overhead": budget}})
+    times = {}
+    for name, trainer in arms.items():  # one after the other: Trainer first, then LevyTrainer
+        clock = SoloClock()
+        trainer.remove_callback(PrinterCallback)
+        trainer.callback_handler.callbacks.insert(0, clock)  # before LevyCallback: the sketch is timed
+        trainer.train()
+        times[name] = clock.seconds
+    history = arms["LevyTrainer"].state.log_history
+    refreshes = [h["step"] - 1 for h in history if "curvature/eigenvalue_0" in h]  # logged one step later
+    total = history[-1].get("curvature/sketch_seconds_total", float("nan"))
+    base, levy = sum(times["Trainer"]), sum(times["LevyTrainer"])
+    rows = [
+        "| window | steps | Trainer s | LevyTrainer s | ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    bounds = [*refreshes, steps]
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        b, lv = sum(times["Trainer"][start:stop]), sum(times["LevyTrainer"][start:stop])
+        rows.append(
+            f"| steps {start}–{stop - 1} (refresh at {start}) | {stop - start} | {b:.1f} | {lv:.1f} | {lv / b:.3f} |"
+        )
+    rows.append(f"| whole run | {steps} | {base:.1f} | {levy:.1f} | {levy / base:.3f} |")
+    header = (
+        f"{size}, B = {batch}, sketch_max_overhead = {budget}: refreshes at steps {refreshes} "
+        f"(sketch_every_n_steps = {fields['sketch_every_n_steps']}); sketch seconds in total {total:.1f} "
+        f"({total / levy:.1%} of LevyTrainer's time); median step Trainer {statistics.median(times['Trainer']):.3f} s, "
+        f"LevyTrainer {statistics.median(times['LevyTrainer']):.3f} s\n"
+    )
+    return [header, *rows]
+
+
 def profile_part(size, seq_len, batch, k, top) -> list[str]:
     """cProfile of one sketch refresh (defaults) and of add_noise (K = k) on a model after one training step."""
     import cProfile
@@ -419,7 +471,7 @@ def main() -> None:
     )
     parser.add_argument("--sizes", default="0.1M,1M,5M", help=f"comma list of {list(SIZES)}")
     parser.add_argument(
-        "--part", default="noise,amortized", help="comma list of noise, amortized, chvp, profile"
+        "--part", default="noise,amortized", help="comma list of noise, amortized, chvp, profile, budget"
     )
     parser.add_argument("--ks", default="4,8,16", help="K values of the noise-only part")
     parser.add_argument("--batch", type=int, default=32, help="examples per step (and sketch batch default)")
@@ -440,6 +492,8 @@ def main() -> None:
         default=DEFAULTS["sketch_every_n_steps"],
         help="sketch_every_n_steps (amortized part)",
     )
+    parser.add_argument("--budget", type=float, default=0.1, help="sketch_max_overhead (budget part)")
+    parser.add_argument("--budget-steps", type=int, default=1000, help="steps per arm (budget part)")
     cli = parser.parse_args()
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
@@ -467,6 +521,10 @@ def main() -> None:
         print("\n".join(rows), flush=True)
     if "profile" in parts:
         print("\n".join(profile_part(sizes[-1], cli.seq_len, cli.batch, 16, 12)), flush=True)
+    if "budget" in parts:
+        rows = budget_part(sizes[0], cli.seq_len, cli.batch, cli.budget_steps, cli.budget)
+        print("\nSketch under a time budget, each arm trained alone\n")
+        print("\n".join(rows), flush=True)
     if "amortized" in parts:
         rows = amortized_part(
             sizes,

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -52,6 +53,9 @@ SHARDED_STATE_FILE = "levy_state_rank{rank}.safetensors"  # FSDP: each rank keep
 _SKETCH_BATCH_STREAM = 0xBA7C
 _ISOTROPIC_STREAM = 0x150
 _CALIBRATION_STREAM = 0xCA1
+# The sketch schedule in the state file: total refresh seconds, the last refresh's seconds (NaN: none), and
+# the step a sketch_max_overhead budget deferred the next refresh to (-1: none).
+_SCHEDULE_KEYS = ("schedule_sketch_seconds_total", "schedule_refresh_seconds", "schedule_deferred_to")
 
 
 class LevyCallback(TrainerCallback):
@@ -84,6 +88,13 @@ class LevyCallback(TrainerCallback):
         self.calibrated_alpha_K: Tensor | None = None
         self.calibrated_scale_K: Tensor | None = None
         self._pre_clip_norm: Tensor | float | None = None  # this step's gradient norm before max_grad_norm
+        # Sketch schedule and cost: wall seconds of the last refresh (+ calibration) and of all of them, the
+        # training steps' wall seconds since then, and the step a sketch_max_overhead budget defers it to.
+        self._refresh_seconds: float | None = None
+        self._sketch_seconds_total = 0.0
+        self._step_seconds: list[float] = []
+        self._step_started: float | None = None
+        self._deferred_to: int | None = None
 
     # ------------------------------------------------------------------ wiring
     def attach(self, trainer: Any) -> LevyCallback:
@@ -127,6 +138,13 @@ class LevyCallback(TrainerCallback):
         state = {k: v.detach().cpu().contiguous() for k, v in self.sketch.state_dict().items()}
         if self.calibrated_scale_K is not None:
             state.update(calibrated_alpha=self.calibrated_alpha_K, calibrated_scale=self.calibrated_scale_K)
+        state.update(
+            {
+                _SCHEDULE_KEYS[0]: torch.tensor(self._sketch_seconds_total, dtype=torch.float64),
+                _SCHEDULE_KEYS[1]: torch.tensor(self._refresh_seconds or math.nan, dtype=torch.float64),
+                _SCHEDULE_KEYS[2]: torch.tensor(-1 if self._deferred_to is None else self._deferred_to),
+            }
+        )
         path = _state_file(checkpoint_dir, self.space.sharded)
         save_file(state, path, metadata={"hvp_method": str(self.hvp_method)})
 
@@ -200,6 +218,11 @@ class LevyCallback(TrainerCallback):
             state_dict["vectors_KP"] = state_dict["vectors_KP"].to(vector_device, vector_dtype)
             self.calibrated_alpha_K = state_dict.pop("calibrated_alpha", None)
             self.calibrated_scale_K = state_dict.pop("calibrated_scale", None)
+            total, refresh, deferred = (state_dict.pop(key, None) for key in _SCHEDULE_KEYS)
+            if total is not None:  # checkpoints before the schedule was saved have none of the three
+                self._sketch_seconds_total = float(total)
+                self._refresh_seconds = None if math.isnan(float(refresh)) else float(refresh)
+                self._deferred_to = None if int(deferred) < 0 else int(deferred)
             self.sketch.load_state_dict(state_dict)
 
     def _check_sharded_settings(self) -> None:
@@ -219,16 +242,49 @@ class LevyCallback(TrainerCallback):
             )
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if not self.sketch.due(state.global_step, self.levy.sketch_every_n_steps):
-            return
-        self._sketch_metrics = self.refresh_sketch(state.global_step)
+        now = time.perf_counter()
+        if self._step_started is not None and self.levy.sketch_max_overhead is not None:
+            # the previous step, from after its sketch to now
+            self._step_seconds.append(now - self._step_started)
+        if self._sketch_due(state.global_step):
+            self._sketch_step(state.global_step)
+        self._step_started = time.perf_counter()
+
+    def _sketch_due(self, step: int) -> bool:
+        """Due every sketch_every_n_steps steps; with sketch_max_overhead, also not before the training steps
+        since the last refresh took refresh seconds / budget (decided by rank 0, so all ranks agree)."""
+        if not self.sketch.due(step, self.levy.sketch_every_n_steps):
+            return False
+        budget = self.levy.sketch_max_overhead
+        if budget is None or self._refresh_seconds is None or not self.sketch.ready:
+            return True
+        if self._deferred_to is None:
+            if not self._step_seconds:  # just resumed without a saved schedule: time one step first
+                return False
+            # The median step: evaluations and checkpoints between steps are outliers, not the step's cost.
+            step_seconds = statistics.median(self._step_seconds)
+            steps_needed = math.ceil(self._refresh_seconds / (budget * max(step_seconds, 1e-9)))
+            deferred = torch.tensor(self.sketch.step + steps_needed, device=self.space.device)
+            if _rank_and_world()[1] > 1:
+                dist.broadcast(deferred, src=0)
+            self._deferred_to = int(deferred)
+        return step >= self._deferred_to
+
+    def _sketch_step(self, step: int) -> None:
+        start, previous = time.perf_counter(), self.sketch.step
+        self._sketch_metrics = self.refresh_sketch(step)
         if _rank_and_world()[1] > 1 and self.sketch.ready and not self.space.sharded:
             # Every rank ran the same Lanczos on the same averaged products, so the vectors already agree;
             # the broadcast makes that a guarantee: replicas whose noise differed would drift apart silently.
             self.space.broadcast_(self.sketch.vectors_PK)
             self.space.broadcast_(self.sketch.values_K)
         if self._sketch_metrics and self.levy.levy_virtual_batch_size is not None:
-            self._sketch_metrics.update(self.calibrate(state.global_step))
+            self._sketch_metrics.update(self.calibrate(step))
+        self._refresh_seconds = time.perf_counter() - start
+        self._sketch_seconds_total += self._refresh_seconds
+        self._step_seconds, self._deferred_to = [], None
+        if self._sketch_metrics and previous is not None:
+            self._sketch_metrics["curvature/sketch_period"] = float(step - previous)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.levy.levy_scale == 0 or not self.sketch.ready:
@@ -236,9 +292,18 @@ class LevyCallback(TrainerCallback):
         self.add_noise(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "loss" not in logs:  # only the periodic training logs, not eval or the summary
+        if logs is None or not ("loss" in logs or "train_runtime" in logs):  # training logs and the summary
             return
-        metrics = dict(self._sketch_metrics)
+        total = (
+            {"curvature/sketch_seconds_total": self._sketch_seconds_total}
+            if self.sketch.step is not None
+            else {}
+        )
+        if "loss" not in logs:  # the summary: the sketch's total cost, refreshes after the last log included
+            logs.update(total)
+            _merge_into_last_entry(state, total)
+            return
+        metrics = {**self._sketch_metrics, **total}
         if self._noise_log:
             norms, ratios = zip(*self._noise_log, strict=True)
             metrics["levy/noise_norm"] = sum(norms) / len(norms)
@@ -248,8 +313,7 @@ class LevyCallback(TrainerCallback):
         if self._skipped_nonfinite:
             metrics["levy/skipped_nonfinite_steps"] = float(self._skipped_nonfinite)
         logs.update(metrics)
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(metrics)
+        _merge_into_last_entry(state, metrics)
         self._sketch_metrics, self._noise_log, self._skipped_nonfinite = {}, [], 0
 
     # ------------------------------------------------------------------ stages
@@ -418,6 +482,12 @@ def _full_precision_forward(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.forward = wrapped
+
+
+def _merge_into_last_entry(state: Any, metrics: dict[str, float]) -> None:
+    """The Trainer appends a log entry before calling on_log: copy the metrics into it (saved logs see them)."""
+    if state.log_history and state.log_history[-1].get("step") == state.global_step:
+        state.log_history[-1].update(metrics)
 
 
 def _state_file(checkpoint_dir: str, sharded: bool) -> str:

@@ -99,6 +99,16 @@ class LevyArguments:
     sketch_every_n_steps: int = field(
         default=50, metadata={"help": "Refresh the Hessian sketch every N optimizer steps (first at step 0)."}
     )
+    sketch_max_overhead: float | None = field(
+        default=None,
+        metadata={
+            "help": "Cap on the sketch's share of training time. A refresh that sketch_every_n_steps makes due waits "
+            "until the training steps since the last refresh took at least (that refresh's seconds) / "
+            "sketch_max_overhead, so 0.1 keeps LevyTrainer within about 1.10x the Trainer's time. Wall-clock "
+            "based: the refresh steps then depend on timing (two runs are not bitwise equal; a resume restores the "
+            "schedule). None: refresh exactly every sketch_every_n_steps steps."
+        },
+    )
     sketch_batch_size: int = field(
         default=32,
         metadata={"help": "Examples in the sketch batch, drawn from the train set with the levy seed."},
@@ -161,6 +171,14 @@ class LevyArguments:
             "raise lanczos_num_iters (about 4x num_eigenpairs + 10) or lower num_eigenpairs",
         )
         _check(self.lanczos_tol > 0, "lanczos_tol", self.lanczos_tol, "> 0")
+        budget = self.sketch_max_overhead
+        _check(
+            budget is None or budget > 0,
+            "sketch_max_overhead",
+            budget,
+            "> 0 or None",
+            "e.g. 0.1 for at most ~10% of the training time; None refreshes every sketch_every_n_steps",
+        )
         _check(
             self.levy_noise_basis in NOISE_BASES,
             "levy_noise_basis",

@@ -69,6 +69,14 @@ def test_resume_under_ddp_equals_the_uninterrupted_run(noisy, tmp_path):
     assert torch.equal(resumed[1]["params"], full[1]["params"])
 
 
+def test_sketch_time_budget_is_decided_once_for_all_ranks(tmp_path):
+    # Uneven fake step times (1 s on rank 0, 4 s on rank 1): each rank alone would defer the second refresh
+    # differently (to step 40 vs 10) and their collectives would part; rank 0's decision holds for both.
+    ranks = torchrun(tmp_path, "--uneven_fake_clock", "--max_steps", "12")
+    assert [r["refreshed"] for r in ranks] == [[0], [0]]
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+
+
 FSDP_SCRIPT = pathlib.Path(__file__).parent / "distributed" / "fsdp_sketch.py"
 
 

@@ -48,7 +48,7 @@ def run_stock(tmp_path, max_steps=6, **overrides):
     return trainer
 
 
-def run_levy(tmp_path, max_steps=6, name="levy", model_kwargs=None, resume=None, **overrides):
+def run_levy(tmp_path, max_steps=6, name="levy", model_kwargs=None, resume=None, callbacks=None, **overrides):
     fields = {**COMMON, **SKETCH, **overrides}
     args = LevyConfig(output_dir=str(tmp_path / name), max_steps=max_steps, **fields)
     trainer = LevyTrainer(
@@ -56,6 +56,7 @@ def run_levy(tmp_path, max_steps=6, name="levy", model_kwargs=None, resume=None,
         args=args,
         train_dataset=token_dataset(),
         data_collator=default_data_collator,
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume)
     return trainer

@@ -9,14 +9,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import types
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from trainer_utils import COMMON, SKETCH, model, token_dataset  # noqa: E402
-from transformers import default_data_collator  # noqa: E402
+from transformers import TrainerCallback, default_data_collator  # noqa: E402
 
-from hf_levy import LevyConfig, LevyTrainer  # noqa: E402
+import hf_levy.callback  # noqa: E402
+from hf_levy import LevyCallback, LevyConfig, LevyTrainer  # noqa: E402
 
 
 def main() -> None:
@@ -27,8 +29,16 @@ def main() -> None:
     parser.add_argument("--save_steps", type=int, default=0)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--per_device_train_batch_size", type=int, default=4)
+    parser.add_argument(
+        "--uneven_fake_clock",
+        action="store_true",
+        help="sketch_max_overhead=0.5 on a fake clock: refreshes cost 20 s, steps 1 s on rank 0 and 4 s on rank 1",
+    )
     cli = parser.parse_args()
     torch.set_num_threads(1)
+    callbacks, refreshed = [], []
+    if cli.uneven_fake_clock:
+        callbacks.append(_install_uneven_fake_clock(refreshed))
     fields = {**COMMON, **SKETCH, "per_device_train_batch_size": cli.per_device_train_batch_size}
     if cli.save_steps:
         fields.update(save_strategy="steps", save_steps=cli.save_steps)
@@ -39,10 +49,15 @@ def main() -> None:
         ddp_backend="gloo",
         ddp_find_unused_parameters=False,
         gradient_accumulation_steps=2,
+        sketch_max_overhead=0.5 if cli.uneven_fake_clock else None,
         **fields,
     )
     trainer = LevyTrainer(
-        model=model(), args=args, train_dataset=token_dataset(), data_collator=default_data_collator
+        model=model(),
+        args=args,
+        train_dataset=token_dataset(),
+        data_collator=default_data_collator,
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=cli.resume)
     sketch = trainer.levy_callback.sketch
@@ -58,9 +73,32 @@ def main() -> None:
                 if "curvature/eigenvalue_0" in h
             ][0],
             "noise_draws": trainer.levy_callback.noise_draws,
+            "refreshed": refreshed,
         },
         os.path.join(cli.out, f"rank{trainer.args.process_index}.pt"),
     )
+
+
+def _install_uneven_fake_clock(refreshed: list[int]) -> TrainerCallback:
+    """Rank 0 alone would defer the second refresh by ceil(20 / (0.5 x 1)) = 40 steps, rank 1 by
+    ceil(20 / (0.5 x 4)) = 10: only a shared decision keeps the ranks' collectives in step."""
+    clock = types.SimpleNamespace(now=0.0)
+    hf_levy.callback.time = types.SimpleNamespace(perf_counter=lambda: clock.now)
+    real = LevyCallback.refresh_sketch
+
+    def refresh_sketch(self, step):
+        refreshed.append(step)
+        clock.now += 20.0
+        return real(self, step)
+
+    LevyCallback.refresh_sketch = refresh_sketch
+    step_seconds = 1.0 + 3.0 * int(os.environ["RANK"])
+
+    class StepCost(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.now += step_seconds
+
+    return StepCost()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,137 @@
+"""The sketch schedule under a time budget (sketch_max_overhead), on a fake clock so the steps are exact."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+from safetensors.torch import load_file
+from trainer_utils import run_levy
+from transformers import TrainerCallback
+
+import hf_levy.callback
+from hf_levy import LevyCallback, LevyConfig
+
+REFRESH_SECONDS = 20.0
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class StepCost(TrainerCallback):
+    """Each optimizer step takes `seconds` on the fake clock (the last one from `after` on, if given)."""
+
+    def __init__(self, clock, seconds, after=None):
+        self.clock, self.seconds, self.after = clock, seconds, after
+
+    def on_step_end(self, args, state, control, **kwargs):
+        late = self.after is not None and state.global_step > self.after[0]
+        self.clock.now += self.after[1] if late else self.seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """Fake wall clock of the callback; every sketch refresh costs REFRESH_SECONDS on it. Yields
+    (clock, steps of the refreshes)."""
+    fake = FakeClock()
+    monkeypatch.setattr(hf_levy.callback, "time", types.SimpleNamespace(perf_counter=fake.perf_counter))
+    refreshed = []
+    real = LevyCallback.refresh_sketch
+
+    def refresh_sketch(self, step):
+        refreshed.append(step)
+        fake.now += REFRESH_SECONDS
+        return real(self, step)
+
+    monkeypatch.setattr(LevyCallback, "refresh_sketch", refresh_sketch)
+    return fake, refreshed
+
+
+def test_without_a_budget_the_sketch_refreshes_every_n_steps(tmp_path, clock):
+    fake, refreshed = clock
+    run_levy(tmp_path, max_steps=12, levy_scale=0.5, callbacks=[StepCost(fake, 1.0)])
+    assert refreshed == [0, 3, 6, 9]
+
+
+def test_budget_defers_the_refresh_until_the_steps_paid_for_it(tmp_path, clock):
+    # 20 s per refresh, 1 s per step, budget 0.5: the next refresh waits ceil(20 / (0.5 x 1)) = 40 steps.
+    fake, refreshed = clock
+    trainer = run_levy(
+        tmp_path,
+        max_steps=85,
+        levy_scale=0.5,
+        sketch_max_overhead=0.5,
+        logging_steps=5,
+        callbacks=[StepCost(fake, 1.0)],
+    )
+    assert refreshed == [0, 40, 80]
+    logged = [h for h in trainer.state.log_history if "curvature/sketch_period" in h]
+    assert [h["curvature/sketch_period"] for h in logged] == [40.0, 40.0]
+    summary = trainer.state.log_history[-1]
+    assert "train_runtime" in summary
+    assert summary["curvature/sketch_seconds_total"] == pytest.approx(3 * REFRESH_SECONDS)
+
+
+def test_budget_takes_the_median_step_so_evaluations_do_not_shorten_the_wait(tmp_path, clock):
+    # Steps of 1 s, and steps 1, 4, 7, ... an extra 30 s (an evaluation). When step 3 makes the refresh due the
+    # timed steps are 31, 1, 1 s: the median (1 s) waits 40 steps, the mean (11 s) would wait only 4.
+    fake, refreshed = clock
+
+    class Evaluation(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            fake.now += 30.0 if state.global_step % 3 == 1 else 0.0
+
+    run_levy(
+        tmp_path,
+        max_steps=45,
+        levy_scale=0.5,
+        sketch_max_overhead=0.5,
+        callbacks=[StepCost(fake, 1.0), Evaluation()],
+    )
+    assert refreshed == [0, 40]
+
+
+def test_resume_restores_the_deferred_refresh_and_the_total(tmp_path, clock):
+    # The checkpoint at step 20 holds "next refresh at 40" (decided at step 3 from 1 s steps). The resumed
+    # run's steps take 4 s: recomputing instead of restoring would refresh at ceil(20 / (0.5 x 4)) = 10 -> 21.
+    fake, refreshed = clock
+    settings = dict(levy_scale=0.5, sketch_max_overhead=0.5, save_strategy="steps", save_steps=20)
+    run_levy(tmp_path, max_steps=20, name="first", callbacks=[StepCost(fake, 1.0)], **settings)
+    saved = load_file(str(tmp_path / "first" / "checkpoint-20" / "levy_state.safetensors"))
+    assert int(saved["schedule_deferred_to"]) == 40
+    refreshed.clear()
+    resumed = run_levy(
+        tmp_path,
+        max_steps=45,
+        name="resumed",
+        resume=str(tmp_path / "first" / "checkpoint-20"),
+        callbacks=[StepCost(fake, 4.0)],
+        **settings,
+    )
+    assert refreshed == [40]
+    assert resumed.state.log_history[-1]["curvature/sketch_seconds_total"] == pytest.approx(
+        2 * REFRESH_SECONDS
+    )
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, math.nan])
+def test_sketch_max_overhead_must_be_positive(tmp_path, bad):
+    with pytest.raises(ValueError, match="sketch_max_overhead"):
+        LevyConfig(output_dir=str(tmp_path), sketch_max_overhead=bad)
+
+
+def test_total_sketch_seconds_counts_refreshes_between_logs(tmp_path, clock):
+    # Refreshes at 0, 3, 6, 9 (20 s each), logs at 5 and 10: the total still counts all four.
+    fake, refreshed = clock
+    trainer = run_levy(
+        tmp_path, max_steps=12, levy_scale=0.5, logging_steps=5, callbacks=[StepCost(fake, 1.0)]
+    )
+    assert refreshed == [0, 3, 6, 9]
+    history = trainer.state.log_history
+    assert history[-1]["curvature/sketch_seconds_total"] == pytest.approx(4 * REFRESH_SECONDS)
