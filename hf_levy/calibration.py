@@ -29,15 +29,15 @@ Legend: P parameters (flat length), K eigenvectors (directions), M micro-batches
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from hf_levy.hvp import LossFn, _LossClosure
-from hf_levy.params import checked_trainable, flatten, num_elements
+from hf_levy.hvp import LossFn, _LossClosure, _sharded_gradient
+from hf_levy.params import checked_trainable, flatten, is_sharded, local_view, num_elements
 
 EULER_GAMMA = 0.5772156649015329
 # Fitted α is clipped into this range. Above 2 there is no stable law. Below 0.5 an estimate from
@@ -73,15 +73,20 @@ def loss_gradient(
 
     The loss is ``model(**batch).loss`` unless ``loss_fn(model, batch)``; taken in eval mode with
     ``torch.autograd.grad``, so ``.grad``, the modes of all submodules and the global RNG are as before.
-    Parameters the loss does not reach get zeros.
+    Parameters the loss does not reach get zeros. FSDP2-sharded parameters: every rank calls this on its
+    share of the batch and gets its piece (local shards) of the gradient of the mean loss over the ranks
+    (a ``backward``, since FSDP reduces only there; ``.grad`` is restored).
 
     Raises:
         ValueError: empty ``params``, a parameter without ``requires_grad``, or no ``.loss``.
     """
     params = checked_trainable(params)
-    device = params[0].device
+    device = local_view(params[0]).device
     batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
     closure = _LossClosure(model, batch, loss_fn, device)
+    if any(is_sharded(p) for p in params):
+        with closure.frozen_state(), torch.enable_grad():
+            return _sharded_gradient(closure, params)
     with closure.frozen_state(), torch.enable_grad():
         grads = torch.autograd.grad(closure(), params, allow_unused=True)
     return flatten([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)])
@@ -94,6 +99,7 @@ def microbatch_projections(
     vectors_PK: Tensor,
     *,
     loss_fn: LossFn | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Projections:
     """Project the gradient of each micro-batch on the K columns of ``vectors_PK``.
 
@@ -102,6 +108,9 @@ def microbatch_projections(
         batches: M dicts of tensors, each a micro-batch of the virtual batch size b.
         params: the parameters the vectors are flat over (in that order).
         vectors_PK: (P, K) directions, e.g. ``Eigenpairs.vectors``; products in their dtype.
+        reduce: sums partial (K,) projections over ranks when the parameters are FSDP shards (e.g.
+            ``ParameterSpace.reduce``); then every rank passes its share of each micro-batch and the rows of
+            ``vectors_PK`` for its local elements, and all ranks get the same table.
 
     Returns:
         :class:`Projections` with ``values_MK`` (M, K) float64 on CPU and ``num_gradients`` = M.
@@ -119,7 +128,8 @@ def microbatch_projections(
     rows = []
     for batch in batches:
         g_P = loss_gradient(model, batch, params, loss_fn=loss_fn)
-        rows.append((vectors_PK.mT @ g_P.to(vectors_PK)).double().cpu())
+        projection_K = (vectors_PK.mT @ g_P.to(vectors_PK)).double()
+        rows.append((projection_K if reduce is None else reduce(projection_K)).cpu())
     if not rows:
         raise ValueError("batches is empty: pass M >= 32 micro-batches of the virtual batch size")
     return Projections(torch.stack(rows), len(rows))

@@ -208,10 +208,11 @@ class LevyCallback(TrainerCallback):
                     f"{self.physical_batch_size} (per_device_train_batch_size x gradient_accumulation_steps x "
                     "processes): the noise of a smaller batch is what the calibration imitates"
                 )
-            if self.space.sharded:
-                raise NotImplementedError(
-                    "levy_virtual_batch_size (calibration) is not available under FSDP yet; use DDP, or "
-                    "levy_scale without calibration"
+            world = _rank_and_world()[1]
+            if self.space.sharded and virtual < world:
+                raise ValueError(
+                    f"levy_virtual_batch_size={virtual} is smaller than the {world} FSDP ranks: every rank "
+                    f"computes its share of each micro-batch; use levy_virtual_batch_size >= {world}"
                 )
         if self._pending_state is not None:
             state_dict, self._pending_state = self._pending_state, None
@@ -378,14 +379,27 @@ class LevyCallback(TrainerCallback):
         """Fit the noise of batch size b along the new eigenvectors; sets the injected α_K and scales c_inj_K.
 
         M micro-batches of b examples (indices drawn with the levy seed and ``step``) are split across the
-        ranks; their gradients' projections on V are gathered, the SαS law per direction is fitted, and
-        c_inj = c_b · (1 − (b/B)^(α−1))^(1/α) tops the physical batch's own noise up to the batch-b level.
+        ranks (under FSDP each micro-batch's examples are); their gradients' projections on V are gathered,
+        the SαS law per direction is fitted, and c_inj = c_b · (1 − (b/B)^(α−1))^(1/α) tops the physical
+        batch's own noise up to the batch-b level.
         """
         start = time.perf_counter()
         b, m = self.levy.levy_virtual_batch_size, self.levy.calibration_num_microbatches
         generator = step_generator(self.seed + _CALIBRATION_STREAM, step)
         indices = torch.randint(len(self.dataset), (m, b), generator=generator)
         rank, world = _rank_and_world()
+        if (
+            self.space.sharded
+        ):  # all ranks run every micro-batch together, each its share; projections reduced
+            projections = microbatch_projections(
+                self.model,
+                (self.collate_fn([self.dataset[int(i)] for i in row[rank::world]]) for row in indices),
+                self.params,
+                self.space.unpad(self.sketch.vectors_PK),
+                loss_fn=self.loss_fn,
+                reduce=self.space.reduce,
+            ).values_MK
+            return self._fit_calibration(projections, start)
         mine = list(range(rank, m, world))
         projections = microbatch_projections(
             self.model,
@@ -398,6 +412,11 @@ class LevyCallback(TrainerCallback):
             table = torch.zeros(m, projections.shape[1], dtype=torch.float64, device=self.space.device)
             table[mine] = projections.to(table.device)
             projections = sum_over_ranks(table).cpu()
+        return self._fit_calibration(projections, start)
+
+    def _fit_calibration(self, projections: Tensor, start: float) -> dict[str, float]:
+        """Fit α_K and c_b,K on the (M, K) projections, set the injected scales; returns the metrics."""
+        b, m = self.levy.levy_virtual_batch_size, self.levy.calibration_num_microbatches
         fixed_alpha = None if self.levy.calibration_fit_alpha else self.levy.levy_alpha
         fit = fit_directional_noise(projections, alpha=fixed_alpha)
         self.calibrated_alpha_K = fit.alpha_K
@@ -423,7 +442,10 @@ class LevyCallback(TrainerCallback):
         if self.calibrated_scale_K is not None:  # calibrated: absolute scales and per-direction α
             # Clipping shrank this step's gradient, and with it the physical batch's own noise, by
             # ‖g‖/‖g_raw‖; the injected noise shrinks the same way, so noise and signal keep the batch-b ratio.
-            shrink = min(1.0, grad_norm / float(self._pre_clip_norm)) if self._pre_clip_norm else 1.0
+            pre_clip = self._pre_clip_norm
+            if pre_clip is not None and hasattr(pre_clip, "full_tensor"):  # FSDP2: a replicated DTensor
+                pre_clip = pre_clip.full_tensor()
+            shrink = min(1.0, grad_norm / float(pre_clip)) if pre_clip else 1.0
             scales_K, alpha = levy.levy_scale * shrink * self.calibrated_scale_K, self.calibrated_alpha_K
         else:
             unit = grad_norm if levy.levy_scale_mode == "relative" else 1.0

@@ -110,3 +110,10 @@ def test_fsdp_noise_assembled_from_shards_equals_the_unsharded_noise(fsdp):
     for r in fsdp:
         assert r["shard_grad_norm"] == pytest.approx(r["ref_grad_norm"], rel=1e-12)
         torch.testing.assert_close(r["noisy_grad"], r["expected_noisy_grad"], rtol=1e-10, atol=1e-12)
+
+
+def test_fsdp_calibration_projections_from_shards_equal_the_unsharded_ones(fsdp):
+    for r in fsdp:
+        assert r["ref_projections"].shape == (5, 3)
+        torch.testing.assert_close(r["shard_projections"], r["ref_projections"], rtol=1e-10, atol=1e-12)
+        assert r["grads_untouched"]

@@ -1,8 +1,9 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node 2`: raw FSDP2 (`fully_shard`) on CPU.
 
 Compares, on the same global batch, the sketch computed on sharded parameters (finite-difference
-products, sharded Lanczos vectors) with the exact sketch of an unsharded copy, and the noise added to
-sharded gradients with the unsharded noise of the same step. Writes ``--out/rank{r}.pt``.
+products, sharded Lanczos vectors) with the exact sketch of an unsharded copy, the noise added to
+sharded gradients with the unsharded noise of the same step, and the calibration's micro-batch
+projections on shards with the unsharded ones. Writes ``--out/rank{r}.pt``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from hf_levy import DoubleBackwardError, make_hvp, trainable_parameters
+from hf_levy.calibration import microbatch_projections
 from hf_levy.noise import directional_noise, noise_coefficients, step_generator
 from hf_levy.params import ParameterSpace, flatten, unflatten
 from hf_levy.sketch import HessianSketch, SketchSettings
@@ -113,9 +115,33 @@ def main() -> None:
     space.add_to_grads(directional_noise(local_vectors, coef))
     noisy = torch.cat([p.grad.full_tensor().reshape(-1) for p in space.params])
 
+    # Calibration: projections of M = 5 micro-batch gradients (4 examples, 2 per rank) on the reference
+    # eigenvectors; each rank sees its shard of each gradient and of the vectors, the reduce sums the dots.
+    micro = [
+        {
+            "x": torch.randn(4, 6, generator=g, dtype=torch.float64),
+            "y": torch.randn(4, 3, generator=g, dtype=torch.float64),
+        }
+        for _ in range(5)
+    ]
+    for p in space.params:
+        p.grad = None
+    ref_projections = microbatch_projections(reference, micro, ref_params, ref_sketch.vectors_PK).values_MK
+    shard_projections = microbatch_projections(
+        sharded,
+        [{k: v[rank::world] for k, v in mb.items()} for mb in micro],
+        space.params,
+        space.unpad(local_vectors),
+        reduce=space.reduce,
+    ).values_MK
+    grads_untouched = all(p.grad is None for p in space.params)
+
     torch.save(
         {
             "world": world,
+            "ref_projections": ref_projections,
+            "shard_projections": shard_projections,
+            "grads_untouched": grads_untouched,
             "autograd_refused": autograd_refused,
             "dim": space.dim,
             "local_numel": space.local_numel,
