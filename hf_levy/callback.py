@@ -37,7 +37,6 @@ from hf_levy.config import LevyArguments
 from hf_levy.hvp import DoubleBackwardError, LossFn, make_hvp
 from hf_levy.noise import (
     curvature_weights,
-    directional_noise,
     isotropic_noise,
     noise_coefficients,
     step_generator,
@@ -464,14 +463,15 @@ class LevyCallback(TrainerCallback):
             logger.warning("hf_levy: step %d: the noise overflows the gradient dtype and is skipped", step)
             self._skipped_nonfinite += 1
             return
-        self.space.add_to_grads(self._noise_vector(coef_K, noise_norm, step))
+        if self.levy.levy_noise_basis == "hessian":
+            self.space.add_combination_to_grads(self.sketch.vectors_PK, coef_K)
+        else:
+            self.space.add_to_grads(self._isotropic_noise(noise_norm, step))
         self._noise_log.append((noise_norm, noise_norm / grad_norm if grad_norm > 0 else 0.0))
         self.noise_draws += 1
 
-    def _noise_vector(self, coef_K: Tensor, noise_norm: float, step: int) -> Tensor:
-        """ξ (this rank's padded piece): V·coef, or for the isotropic ablation i.i.d. draws of the same norm."""
-        if self.levy.levy_noise_basis == "hessian":
-            return directional_noise(self.sketch.vectors_PK, coef_K)
+    def _isotropic_noise(self, noise_norm: float, step: int) -> Tensor:
+        """The isotropic ablation's ξ (this rank's padded piece): i.i.d. draws of norm ``noise_norm``."""
         space = self.space
         # Replicated ranks draw the same coordinates; FSDP ranks each draw their own piece.
         stream = _rank_and_world()[0] + 1 if space.sharded else 0

@@ -142,6 +142,26 @@ class ParameterSpace:
         squares = torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
         return float(self.reduce(squares).sqrt())
 
+    def add_combination_to_grads(self, vectors_PK: Tensor, coef_K: Tensor) -> None:
+        """``g += vectors_PK · coef_K``, parameter by parameter, without forming the (P,) vector.
+
+        Each parameter's rows of the (dim, K) vectors (padding ignored) are multiplied into its gradient in
+        place (one ``addmv`` when the dtypes and layout allow): the step reads V once and the gradient once,
+        where forming ξ first would also write and re-read P entries. A missing grad is created.
+        """
+        start = 0
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grad = local_view(p.grad)
+            rows_NK = vectors_PK[start : start + grad.numel()]
+            start += grad.numel()
+            if grad.is_contiguous() and rows_NK.dtype == grad.dtype and rows_NK.device == grad.device:
+                grad.view(-1).addmv_(rows_NK, coef_K.to(grad))
+            else:  # e.g. bf16 or CPU-offloaded vectors: the product in their dtype, cast into the gradient
+                piece = rows_NK @ coef_K.to(device=rows_NK.device, dtype=rows_NK.dtype)
+                grad.add_(piece.view(grad.shape).to(device=grad.device, dtype=grad.dtype))
+
     def add_to_grads(self, flat_P: Tensor) -> None:
         """``p.grad += piece`` for each parameter, from a (dim,) vector (padding ignored; a missing grad is created)."""
         for p, piece in zip(self.params, unflatten(self.unpad(flat_P), self.params), strict=True):

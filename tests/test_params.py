@@ -37,3 +37,37 @@ def test_grad_norm_and_add_to_grads():
     space.add_to_grads(torch.arange(10.0))
     assert torch.equal(ps[0].grad, torch.full((3, 2), 2.0) + torch.arange(6.0).view(3, 2))
     assert torch.equal(ps[1].grad, torch.arange(6.0, 10.0))
+
+
+def _orthonormal_columns(rows: int, cols: int, dtype=torch.float32) -> torch.Tensor:
+    q, _ = torch.linalg.qr(
+        torch.randn(rows, cols, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    )
+    return q.to(dtype)
+
+
+def test_add_combination_to_grads_equals_the_explicit_sum_in_float64():
+    # Three parameters (one without a grad, one with a non-contiguous grad), K = 3, vectors in the K-row
+    # layout that lanczos returns (a transposed view), plus a float64 truth computed column by column.
+    torch.manual_seed(0)
+    ps = [nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(2, 3))]
+    ps[0].grad = torch.randn(3, 4)
+    ps[2].grad = torch.randn(3, 2).T  # non-contiguous
+    before = [torch.zeros(3, 4).double() + ps[0].grad.double(), torch.zeros(5).double(), ps[2].grad.double()]
+    vectors_PK = _orthonormal_columns(23, 3).T.contiguous().T
+    coef = torch.tensor([0.5, -2.0, 1.25], dtype=torch.float64)
+    truth = sum(c * vectors_PK[:, k].double() for k, c in enumerate(coef))
+    ParameterSpace(ps).add_combination_to_grads(vectors_PK, coef)
+    got = torch.cat([(p.grad.double() - b).reshape(-1) for p, b in zip(ps, before, strict=True)])
+    torch.testing.assert_close(got, truth, rtol=1e-6, atol=1e-6)
+
+
+def test_add_combination_to_grads_with_bfloat16_vectors_casts_into_the_float32_grad():
+    ps = params()
+    vectors_PK = _orthonormal_columns(10, 2, torch.bfloat16)
+    coef = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    ParameterSpace(ps).add_combination_to_grads(vectors_PK, coef)
+    truth = vectors_PK.double() @ coef
+    assert all(p.grad.dtype == torch.float32 for p in ps)
+    got = torch.cat([p.grad.reshape(-1) for p in ps]).double()
+    torch.testing.assert_close(got, truth, rtol=1e-2, atol=1e-2)

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from hf_levy import DoubleBackwardError, make_hvp, trainable_parameters
 from hf_levy.calibration import microbatch_projections
-from hf_levy.noise import directional_noise, noise_coefficients, step_generator
+from hf_levy.noise import noise_coefficients, step_generator
 from hf_levy.params import ParameterSpace, flatten, unflatten
 from hf_levy.sketch import HessianSketch, SketchSettings
 
@@ -112,7 +112,7 @@ def main() -> None:
         dim=1,
     )
     grad_norm = space.grad_norm()
-    space.add_to_grads(directional_noise(local_vectors, coef))
+    space.add_combination_to_grads(local_vectors, coef)  # the trainer's path: no (P,) vector formed
     noisy = torch.cat([p.grad.full_tensor().reshape(-1) for p in space.params])
 
     # Calibration: projections of M = 5 micro-batch gradients (4 examples, 2 per rank) on the reference
