@@ -247,7 +247,7 @@ def make_plots(runs: list[dict[str, Any]], metric: str, folder: pathlib.Path) ->
     figure("metric_vs_step", f"{metric} against optimizer steps", "optimizer step", metric, lines(metric))
     figure(
         "metric_vs_seconds",
-        f"{metric} against wall-clock",
+        f"{metric} against training wall-clock (evaluations excluded)",
         "seconds",
         metric,
         lines(metric, use_seconds=True),
@@ -255,7 +255,7 @@ def make_plots(runs: list[dict[str, Any]], metric: str, folder: pathlib.Path) ->
     figure("loss_vs_step", "training loss", "optimizer step", "loss", lines("loss"))
     figure(
         "loss_vs_seconds",
-        "training loss against wall-clock",
+        "training loss against training wall-clock (evaluations excluded)",
         "seconds",
         "loss",
         lines("loss", use_seconds=True),

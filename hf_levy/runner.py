@@ -34,21 +34,31 @@ SUMMARY = "summary.json"
 
 
 class TargetTracker(TrainerCallback):
-    """Records wall-clock time at every log and the first step whose eval metric reaches the target."""
+    """Records training seconds at every log and the first step whose eval metric reaches the target.
+
+    Training seconds are wall-clock since training began minus the evaluations' own runtime (``eval_runtime``),
+    so arms that evaluate at different intervals compare by what their training cost.
+    """
 
     def __init__(self, target: Target):
         self.target = target
         self.start = time.perf_counter()
+        self.eval_seconds = 0.0
         self.timeline: list[dict[str, float]] = []
         self.reached: dict[str, float] | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
 
+    def training_seconds(self) -> float:
+        return time.perf_counter() - self.start - self.eval_seconds
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        self.timeline.append({"step": state.global_step, "seconds": time.perf_counter() - self.start})
+        self.timeline.append({"step": state.global_step, "seconds": self.training_seconds()})
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        runtimes = [v for k, v in (metrics or {}).items() if k.endswith("_runtime") and isinstance(v, float)]
+        self.eval_seconds += sum(runtimes)
         value = (metrics or {}).get(self.target.metric)
         if value is None or self.reached is not None:
             return
@@ -57,7 +67,7 @@ class TargetTracker(TrainerCallback):
             self.reached = {
                 "step": state.global_step,
                 "epoch": state.epoch,
-                "seconds": time.perf_counter() - self.start,
+                "seconds": self.training_seconds(),
                 "value": value,
             }
             if self.target.stop:

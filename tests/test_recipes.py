@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import pathlib
+import types
 
 import pytest
 import yaml
 
+import hf_levy.runner as runner
 from hf_levy import LevyConfig
 from hf_levy.cli import main
-from hf_levy.recipes import RecipeError, arm_config, load_recipe, parse_overrides
+from hf_levy.recipes import RecipeError, Target, arm_config, load_recipe, parse_overrides
 
 RECIPES = sorted((pathlib.Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 DEFAULT = pathlib.Path(__file__).parents[1] / "recipes" / "modular_addition.yaml"
@@ -145,3 +147,17 @@ def test_pretrained_minilm_recipe_trains_its_levy_arm(tmp_path):
     summary = json.loads((tmp_path / "levy_full_batch" / "seed0" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["sketch_seconds"] > 0
     assert 0.0 <= summary["final_metric"] <= 1.0
+
+
+def test_target_tracker_counts_training_seconds_without_the_evaluations(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    tracker = runner.TargetTracker(Target(metric="eval_accuracy", value=0.9, stop=False))
+    state = types.SimpleNamespace(global_step=0, epoch=0.0)
+    tracker.on_train_begin(None, state, None)
+    now[0] += 10.0 + 4.0  # 10 s of training, then an evaluation of 4 s below the target
+    tracker.on_evaluate(None, state, None, metrics={"eval_accuracy": 0.5, "eval_runtime": 4.0})
+    now[0] += 6.0 + 3.0  # 6 s more training, then an evaluation of 3 s that reaches the target
+    state.global_step, state.epoch = 7, 1.5
+    tracker.on_evaluate(None, state, None, metrics={"eval_accuracy": 0.95, "eval_runtime": 3.0})
+    assert tracker.reached == {"step": 7, "epoch": 1.5, "seconds": 16.0, "value": 0.95}
