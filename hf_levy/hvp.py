@@ -66,8 +66,10 @@ def make_hvp(
             (faster, holds the activations until the returned function is released).
 
     Returns:
-        ``hvp(v_P) -> Hv_P``: ``v_P`` a 1-D tensor of length P = Σ numel(params); the result has the
-        dtype and device of ``v_P``. Parameters must not change while the function is in use.
+        ``hvp(v_P) -> Hv_P``: ``v_P`` a 1-D tensor of length P = Σ numel(params); the result is on the
+        device of ``v_P``, in the wider of its dtype and the parameters' (a float64 model answers in float64,
+        so :func:`hf_levy.lanczos` works in float64 without being told). Parameters must not change while
+        the function is in use.
 
     Raises:
         ValueError: bad ``method``, empty ``params``, a parameter without ``requires_grad``, or a model
@@ -209,7 +211,7 @@ def _autograd_hvp(
                     retain_graph=reuse_graph,
                 )
             out = hvs
-        return flatten(out, dtype=v_P.dtype).to(v_P.device)
+        return flatten(out, dtype=torch.promote_types(v_P.dtype, params[0].dtype)).to(v_P.device)
 
     return hvp
 
@@ -245,7 +247,7 @@ def _finite_difference_hvp(
         norm_sq = v_P.double().pow(2).sum()
         norm = float(sum_over_ranks(norm_sq) if sharded else norm_sq) ** 0.5
         if norm == 0.0:
-            return torch.zeros_like(v_P)
+            return torch.zeros_like(v_P, dtype=torch.promote_types(v_P.dtype, params[0].dtype))
         eps = step / norm
         shift = [
             d.to(s.dtype) for d, s in zip(unflatten(v_P.to(work_dtype) * eps, params), shards, strict=True)
@@ -258,7 +260,8 @@ def _finite_difference_hvp(
             with torch.no_grad():
                 for shard, s in zip(shards, saved, strict=True):
                     shard.copy_(s)
-        return ((g_plus - g_minus) / (2 * eps)).to(dtype=v_P.dtype, device=v_P.device)
+        out_dtype = torch.promote_types(v_P.dtype, params[0].dtype)
+        return ((g_plus - g_minus) / (2 * eps)).to(dtype=out_dtype, device=v_P.device)
 
     return hvp
 

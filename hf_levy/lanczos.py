@@ -100,6 +100,21 @@ def _top_ritz(diag: list[float], offdiag: list[float], k: int) -> tuple[Tensor, 
     return values_K, offdiag[-1] * ritz_MK[-1].abs(), ritz_MK
 
 
+def _first_product(matvec: Callable[[Tensor], Tensor], q_P: Tensor) -> tuple[Tensor, Tensor]:
+    """(q, matvec(q)) for a float32 start vector when no dtype was given: in float64 instead when the matvec
+    rejects float32 input (``H @ v`` with a float64 H raises a dtype mismatch) or answers in float64."""
+    try:
+        w_P = matvec(q_P)
+    except RuntimeError as err:
+        if "dtype" not in str(err).lower() and "double" not in str(err).lower():
+            raise
+        q64_P = q_P.double()
+        return q64_P, matvec(q64_P)
+    if w_P.dtype == torch.float64 and q_P.dtype != torch.float64:
+        return q_P.double(), w_P
+    return q_P, w_P
+
+
 def lanczos(
     matvec: Callable[[Tensor], Tensor],
     dim: int,
@@ -146,7 +161,9 @@ def lanczos(
             so directions missing from the block can still be found.
         generator: the only source of randomness (cold start, block mixing, breakdown restarts); default a
             fresh CPU generator seeded with 0. The global RNG is never used.
-        dtype, device: working dtype/device of the vectors; default those of ``init``, else float32 / CPU.
+        dtype, device: working dtype/device of the vectors; default those of ``init``, else CPU and float32, or
+            float64 when the matvec works in float64 (it returns float64, or rejects a float32 vector with a
+            dtype error, e.g. ``lambda v: H @ v`` with a float64 H).
         reduce: applied to every local inner-product tensor (float64) before use, e.g.
             ``lambda t: dist.all_reduce(t) or t`` for vectors sharded across ranks; norms go through it too.
             Nothing else communicates. Default: identity.
@@ -175,6 +192,7 @@ def lanczos(
             raise ValueError("init has non-finite entries; pass finite vectors (or None for a random start).")
         dtype = dtype or init.dtype
         device = device or init.device
+    dtype_from_matvec = dtype is None  # float32 unless the first product shows the matvec works in float64
     dtype = dtype or torch.float32
     device = torch.device(device or "cpu")
     if not dtype.is_floating_point:
@@ -228,8 +246,18 @@ def lanczos(
         return bool((residuals_X <= tol * values_X.abs().clamp(min=math.sqrt(eps) * scale)).all())
 
     for j in range(m_max):
-        basis_MP[j] = q_P
-        w_P = matvec(q_P)
+        if j == 0 and dtype_from_matvec:
+            q_P, w_P = _first_product(matvec, q_P)
+            if q_P.dtype != dtype:  # a float64 operator (e.g. an explicit float64 Hessian): work in float64
+                dtype, eps = q_P.dtype, torch.finfo(q_P.dtype).eps
+                basis_MP = torch.empty(m_max, dim, dtype=dtype, device=device)
+                # The float32 start was unit to float32 rounding only; H is linear, so rescale q and Hq alike.
+                unit = norm(q_P)
+                q_P, w_P = q_P / unit, w_P / unit
+            basis_MP[0] = q_P
+        else:
+            basis_MP[j] = q_P
+            w_P = matvec(q_P)
         if w_P.shape != (dim,):
             raise ValueError(f"matvec must return shape ({dim},), got {tuple(w_P.shape)} at iteration {j}.")
         w_P, coeffs_X = orthogonalize(w_P.to(device, dtype), basis_MP[: j + 1])

@@ -368,3 +368,59 @@ def test_global_rng_is_neither_used_nor_advanced():
     torch.manual_seed(456)
     second = lanczos(lambda v: a @ v, 300, 4, dtype=F64)
     assert torch.equal(first.vectors, second.vectors)
+
+
+def test_without_a_dtype_a_float64_matrix_is_solved_in_float64():
+    # `lambda v: H @ v` with a float64 H rejects a float32 vector: lanczos must notice and work in float64,
+    # reaching float64 accuracy against eigh (float32 work would stop near 1e-7).
+    a = rotated(torch.linspace(-3.0, 10.0, 40), seed=3)
+    want_values, want_vectors = top_eigh(a, 4)
+    pairs = lanczos(lambda v: a @ v, 40, 4, tol=1e-10, generator=seeded(0))
+    assert pairs.vectors.dtype == F64
+    assert max_rel_error(pairs.values, want_values) < 1e-12
+    alignment = (pairs.vectors.T @ want_vectors).diagonal().abs()
+    assert (alignment > 1 - 1e-10).all()
+
+
+def test_without_a_dtype_a_matvec_answering_in_float64_gets_float64_vectors():
+    a = rotated(torch.linspace(1.0, 5.0, 30), seed=4)
+    pairs = lanczos(lambda v: a @ v.double(), 30, 2, tol=1e-10, generator=seeded(0))
+    assert pairs.vectors.dtype == F64
+    assert max_rel_error(pairs.values, top_eigh(a, 2)[0]) < 1e-12
+
+
+def test_without_a_dtype_a_float32_matvec_stays_float32():
+    a = rotated(torch.linspace(1.0, 5.0, 30), seed=4).float()
+    pairs = lanczos(lambda v: a @ v, 30, 2, generator=seeded(0))
+    assert pairs.vectors.dtype == torch.float32
+
+
+def test_other_errors_of_the_matvec_are_not_swallowed():
+    def broken(v):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        lanczos(broken, 10, 1)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside torch.func
+@pytest.mark.parametrize("method", ["autograd", "finite_difference"])
+def test_float64_model_through_make_hvp_needs_no_dtype_argument(method):
+    # The explicit Hessian of the same float64 loss is the truth; float32 work would stop near 1e-6.
+    from hf_levy import make_hvp
+
+    loss, flat = mlp_hessian_problem()
+    want, _ = top_eigh(hessian(loss)(flat), 3)
+    torch.manual_seed(0)
+    model = TinyClassifier().double()
+    x, y = torch.randn(40, 10, dtype=F64), torch.randint(0, 3, (40,))
+    hvp = make_hvp(
+        model,
+        {"x": x, "y": y},
+        list(model.parameters()),
+        method=method,
+        loss_fn=lambda m, b: nn.functional.cross_entropy(m(b["x"]), b["y"]),
+    )
+    pairs = lanczos(hvp, flat.numel(), 3, tol=1e-10, generator=seeded(0))
+    assert pairs.vectors.dtype == F64
+    assert max_rel_error(pairs.values, want) < (1e-10 if method == "autograd" else 1e-6)
