@@ -140,7 +140,9 @@ class LevyCallback(TrainerCallback):
         state.update(
             {
                 _SCHEDULE_KEYS[0]: torch.tensor(self._sketch_seconds_total, dtype=torch.float64),
-                _SCHEDULE_KEYS[1]: torch.tensor(self._refresh_seconds or math.nan, dtype=torch.float64),
+                _SCHEDULE_KEYS[1]: torch.tensor(
+                    math.nan if self._refresh_seconds is None else self._refresh_seconds, dtype=torch.float64
+                ),
                 _SCHEDULE_KEYS[2]: torch.tensor(-1 if self._deferred_to is None else self._deferred_to),
             }
         )
