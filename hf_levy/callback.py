@@ -163,6 +163,12 @@ class LevyCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        # A new run (train() again, a hyperparameter trial): nothing of a previous run carries over except
+        # what a checkpoint being resumed holds (_pending_state, installed below).
+        self.calibrated_alpha_K = self.calibrated_scale_K = None
+        self._refresh_seconds, self._sketch_seconds_total, self._deferred_to = None, 0.0, None
+        self._step_seconds, self._step_started = [], None
+        self._sketch_metrics, self._noise_log, self._skipped_nonfinite = {}, [], 0
         self.model = model
         self.params = trainable_parameters(model)
         if not self.params:

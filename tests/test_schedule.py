@@ -135,3 +135,17 @@ def test_total_sketch_seconds_counts_refreshes_between_logs(tmp_path, clock):
     assert refreshed == [0, 3, 6, 9]
     history = trainer.state.log_history
     assert history[-1]["curvature/sketch_seconds_total"] == pytest.approx(4 * REFRESH_SECONDS)
+
+
+def test_a_second_train_call_starts_its_schedule_and_total_afresh(tmp_path, clock):
+    fake, refreshed = clock
+    trainer = run_levy(tmp_path, max_steps=4, levy_scale=0.5, callbacks=[StepCost(fake, 1.0)])
+    assert trainer.state.log_history[-1]["curvature/sketch_seconds_total"] == pytest.approx(
+        2 * REFRESH_SECONDS
+    )
+    refreshed.clear()
+    trainer.train()  # a fresh run on the same trainer: sketch at 0 and 3 again, its own total
+    assert refreshed == [0, 3]
+    assert trainer.state.log_history[-1]["curvature/sketch_seconds_total"] == pytest.approx(
+        2 * REFRESH_SECONDS
+    )
