@@ -18,13 +18,18 @@ pytestmark = pytest.mark.slow
 def torchrun(out: pathlib.Path, *flags: str, script: pathlib.Path = SCRIPT) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(pathlib.Path(__file__).parents[1])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(
-        [*command, str(script), "--out", str(out), *flags],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    for _attempt in range(2):
+        result = subprocess.run(
+            [*command, str(script), "--out", str(out), *flags],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        # Seen once in ~10 full-suite runs: a rank aborting with this C++ message (a gloo thread torn down at
+        # exit), not reproduced in 12 reruns. Only that abort is retried, once; any other failure fails.
+        if result.returncode == 0 or "terminate called without an active exception" not in result.stderr:
+            break
     assert result.returncode == 0, result.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 

@@ -103,3 +103,7 @@ def _install_uneven_fake_clock(refreshed: list[int]) -> TrainerCallback:
 
 if __name__ == "__main__":
     main()
+    if (
+        torch.distributed.is_initialized()
+    ):  # a clean exit: gloo's threads are stopped before the interpreter ends
+        torch.distributed.destroy_process_group()
