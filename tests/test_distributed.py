@@ -26,7 +26,7 @@ def torchrun(out: pathlib.Path, *flags: str, script: pathlib.Path = SCRIPT) -> l
             text=True,
             timeout=300,
         )
-        # Seen once in ~10 full-suite runs: a rank aborting with this C++ message (a gloo thread torn down at
+        # Seen once (a full-suite run, 2026-11-27): a rank aborting with this C++ message (a thread torn down at
         # exit), not reproduced in 12 reruns. Only that abort is retried, once; any other failure fails.
         if result.returncode == 0 or "terminate called without an active exception" not in result.stderr:
             break
