@@ -23,7 +23,11 @@ Number = float | int
 def _check(
     name: str, value: Number | torch.Tensor, ok: Callable[[torch.Tensor], torch.Tensor], allowed: str
 ) -> None:
-    t = value.detach().double() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+    t = (
+        value.detach().double()
+        if isinstance(value, torch.Tensor)
+        else torch.tensor(float(value), dtype=torch.float64)
+    )
     bad = ~ok(t)  # ok() is False for nan, so nan is always rejected
     if bad.any():
         where = " (an element of the tensor)" if t.ndim else ""
