@@ -85,7 +85,7 @@ def saved_tensor_bytes(fn, exclude: list[torch.Tensor]) -> int:
 def child(spec: dict) -> dict:
     """One arm in this process; returns its measurements."""
     import transformers
-    from bench_trainer_step import RandomTokens, build_model
+    from bench_trainer_step import RandomTokens, build_model, common_args
     from transformers import (
         PrinterCallback,
         Trainer,
@@ -104,18 +104,8 @@ def child(spec: dict) -> dict:
     params = trainable_parameters(model)
     p = sum(q.numel() for q in params)
     data = RandomTokens(256, spec["seq_len"])
-    common = dict(
-        output_dir=tempfile.mkdtemp(prefix="bench_mem_"),
-        max_steps=spec["steps"],
-        per_device_train_batch_size=spec["batch"],
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
+    # The step benchmark's arguments (its learning rate too: memory does not depend on it).
+    common = common_args(tempfile.mkdtemp(prefix="bench_mem_"), spec["steps"], spec["batch"])
     if spec["arm"] == "Trainer":
         trainer = Trainer(
             model=model,
