@@ -48,6 +48,14 @@ ALPHA_RANGE = (0.5, 2.0)
 # Below 32 micro-batches the α̂ RMSE exceeds 0.3 (measured: 0.32–0.35 at M = 32 for α ≤ 1.5).
 MIN_MICROBATCHES = 32
 _PAIR_CHUNK = 1 << 22  # elements of the (rows, M, K) difference block held at once
+# Pairs closer than this fraction of the column's spread (median absolute deviation) are ties. Projections
+# are float32 dot products, and the same micro-batch drawn twice (its examples in another order) differs by
+# rounding alone: one such pair among 32 (|D| = 4e-9 to 2e-8 against a spread of ~2e-2) puts log|D| ≈ -19
+# outliers into the variance and moved α̂ by up to 0.45 (1.62 → 1.21, 2.0 → 1.49), so a single-process and a
+# DDP run of the same calibration disagreed (the copies tied exactly in one, by rounding in the other). A genuine
+# pair this close has probability ~1e-5, and dropping one barely moves the moments. Relative to the spread,
+# not the values, so the fit stays location-invariant and scale-equivariant.
+_TIE_RELATIVE = 1e-5
 
 
 @dataclass
@@ -141,8 +149,8 @@ def fit_directional_noise(
     """Fit SαS(α_i, c_i) to the noise along each direction from M i.i.d. projections.
 
     Pairwise-difference log moments (module docstring): location-free, so no reference gradient is
-    subtracted. Exact ties (D = 0, e.g. bf16-quantized projections, or bootstrap duplicates) are
-    dropped; a column without two distinct values gets α = 2 and scale 0 (nothing to inject).
+    subtracted. Ties (D = 0 up to float32 rounding, e.g. bf16-quantized projections, bootstrap
+    duplicates, a micro-batch drawn twice) are dropped; a column without two distinct values gets α = 2 and scale 0 (nothing to inject).
 
     Args:
         projections_MK: (M, K) projections g_m·v_i, M >= 32 (:attr:`Projections.values_MK`).
@@ -240,15 +248,18 @@ def injected_scale(
 
 
 def _pairwise_log_moments(x_MK: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean, variance and count of log|x_i − x_j| over the pairs i < j with x_i ≠ x_j, per column."""
+    """Mean, variance and count of log|x_i − x_j| over the pairs i < j that are not ties, per column
+    (|x_i − x_j| > _TIE_RELATIVE · MAD of the column)."""
     m, k = x_MK.shape
     total, total_sq, count = (torch.zeros(k, dtype=torch.float64) for _ in range(3))
     rows = max(1, _PAIR_CHUNK // (m * k))
     cols = torch.arange(m)
+    tie_K = _TIE_RELATIVE * (x_MK - x_MK.median(0).values).abs().median(0).values
     for start in range(0, m - 1, rows):
         stop = min(m, start + rows)
         diff = x_MK[start:stop, None, :] - x_MK[None, :, :]  # (rows, M, K)
-        keep = (cols[None, :] > torch.arange(start, stop)[:, None])[:, :, None] & (diff != 0)
+        distinct = diff.abs() > tie_K
+        keep = (cols[None, :] > torch.arange(start, stop)[:, None])[:, :, None] & distinct
         logs = torch.where(keep, diff.abs().log(), 0.0)
         total += logs.sum((0, 1))
         total_sq += logs.square().sum((0, 1))

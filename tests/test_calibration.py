@@ -239,3 +239,16 @@ def test_projections_reject_bad_inputs_naming_the_argument():
         microbatch_projections(model, batches, [frozen], q)
     with pytest.raises(ValueError, match="params is empty"):
         microbatch_projections(model, batches, [], q)
+
+
+def test_a_micro_batch_drawn_twice_ties_whether_or_not_rounding_separates_the_copies():
+    # Row 31 repeats row 7: exactly (a tie, dropped), or off by float32 rounding as when the same examples come
+    # in another order. Both must fit alike; a log|D| of -19 from the rounding used to move α̂ by ~0.4.
+    x = sample_symmetric_stable((32, 3), 1.6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    exact, rounded = x.clone(), x.clone()
+    exact[31] = x[7]
+    rounded[31] = x[7] * (1 + 3 * torch.finfo(torch.float32).eps)
+    want, got = fit_directional_noise(exact), fit_directional_noise(rounded)
+    # The copy's pairs with the other rows move by its 4e-7 relative offset: equal far below the outlier's 0.1-0.4.
+    torch.testing.assert_close(got.alpha_K, want.alpha_K, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got.scale_K, want.scale_K, rtol=1e-5, atol=0)
