@@ -395,35 +395,23 @@ class LevyCallback(TrainerCallback):
         generator = step_generator(self.seed + _CALIBRATION_STREAM, step)
         indices = torch.randint(len(self.dataset), (m, b), generator=generator)
         rank, world = _rank_and_world()
-        if (
-            self.space.sharded
-        ):  # all ranks run every micro-batch together, each its share; projections reduced
-            projections = microbatch_projections(
-                self.model,
-                (self.collate_fn([self.dataset[int(i)] for i in row[rank::world]]) for row in indices),
-                self.params,
-                self.space.unpad(self.sketch.vectors_PK),
-                loss_fn=self.loss_fn,
-                reduce=self.space.reduce,
-            ).values_MK
-            return self._fit_calibration(projections, start)
-        mine = list(range(rank, m, world))
+        sharded = self.space.sharded
+        # FSDP: all ranks run every micro-batch together, each on its share of the examples, and the K dots of
+        # each projection are summed over ranks. Otherwise each rank takes whole micro-batches, gathered below.
+        mine = list(range(m)) if sharded else list(range(rank, m, world))
+        share = slice(rank, None, world) if sharded else slice(None)
         projections = microbatch_projections(
             self.model,
-            (self.collate_fn([self.dataset[int(i)] for i in indices[row]]) for row in mine),
+            (self.collate_fn([self.dataset[int(i)] for i in indices[row][share]]) for row in mine),
             self.params,
-            self.sketch.vectors_PK,
+            self.space.unpad(self.sketch.vectors_PK),
             loss_fn=self.loss_fn,
+            reduce=self.space.reduce,
         ).values_MK
-        if world > 1:  # every rank fills its rows; the sum gathers the (M, K) table on all ranks
+        if world > 1 and not sharded:  # each rank fills its rows; the sum gathers the (M, K) table everywhere
             table = torch.zeros(m, projections.shape[1], dtype=torch.float64, device=self.space.device)
             table[mine] = projections.to(table.device)
             projections = sum_over_ranks(table).cpu()
-        return self._fit_calibration(projections, start)
-
-    def _fit_calibration(self, projections: Tensor, start: float) -> dict[str, float]:
-        """Fit α_K and c_b,K on the (M, K) projections, set the injected scales; returns the metrics."""
-        b, m = self.levy.levy_virtual_batch_size, self.levy.calibration_num_microbatches
         fixed_alpha = None if self.levy.calibration_fit_alpha else self.levy.levy_alpha
         fit = fit_directional_noise(projections, alpha=fixed_alpha)
         self.calibrated_alpha_K = fit.alpha_K

@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--per_device_train_batch_size", type=int, default=4)
     parser.add_argument(
+        "--levy_virtual_batch_size", type=int, default=None, help="calibrate (32 micro-batches)"
+    )
+    parser.add_argument(
         "--uneven_fake_clock",
         action="store_true",
         help="sketch_max_overhead=0.5 on a fake clock: refreshes cost 20 s, steps 1 s on rank 0 and 4 s on rank 1",
@@ -50,6 +53,8 @@ def main() -> None:
         ddp_find_unused_parameters=False,
         gradient_accumulation_steps=2,
         sketch_max_overhead=0.5 if cli.uneven_fake_clock else None,
+        levy_virtual_batch_size=cli.levy_virtual_batch_size,
+        calibration_num_microbatches=32,
         **fields,
     )
     trainer = LevyTrainer(
@@ -74,6 +79,11 @@ def main() -> None:
             ][0],
             "noise_draws": trainer.levy_callback.noise_draws,
             "refreshed": refreshed,
+            "first_fitted_alpha": [
+                [h[key] for key in sorted(h) if key.startswith("levy/fitted_alpha_")]
+                for h in trainer.state.log_history
+                if "levy/fitted_alpha_0" in h
+            ][:1],
         },
         os.path.join(cli.out, f"rank{trainer.args.process_index}.pt"),
     )
