@@ -165,9 +165,8 @@ def summarize(
         config.per_device_train_batch_size * config.gradient_accumulation_steps * max(1, config.world_size)
     )
     runtime = train_metrics.get("train_runtime", float("nan"))
-    totals = [h["curvature/sketch_seconds_total"] for h in history if "curvature/sketch_seconds_total" in h]
-    # The running total counts every refresh and calibration; logs written before it existed hold per-sketch seconds.
-    sketch_seconds = max(totals) if totals else sum(h.get("curvature/sketch_seconds", 0.0) for h in history)
+    # LevyCallback's running total: every refresh and calibration, also those between two logs.
+    sketch_seconds = max((h.get("curvature/sketch_seconds_total", 0.0) for h in history), default=0.0)
     reached = tracker.reached
     losses = [h["loss"] for h in history if "loss" in h]
     return {
