@@ -352,7 +352,10 @@ def budget_part(size, seq_len, batch, steps, budget) -> list[str]:
         return time.perf_counter() - rr_holder[0].waited["LevyTrainer"]
 
     hf_levy.callback.time = types.SimpleNamespace(perf_counter=own_time)
-    times = run_round_robin(arms, rr_holder)
+    try:
+        times = run_round_robin(arms, rr_holder)
+    finally:  # later parts of the same run time LevyCallback with the real clock
+        hf_levy.callback.time = time
     history = arms["LevyTrainer"].state.log_history
     refreshes = [h["step"] - 1 for h in history if "curvature/eigenvalue_0" in h]  # logged one step later
     total = history[-1].get("curvature/sketch_seconds_total", float("nan"))
