@@ -193,7 +193,8 @@ class LevyCallback(TrainerCallback):
         vector_dtype = (
             torch.float64 if self.params[0].dtype == torch.float64 else getattr(torch, self.levy.sketch_dtype)
         )
-        vector_device = torch.device("cpu") if self.levy.sketch_offload_to_cpu else self.space.device
+        offload = self.levy.sketch_offload
+        vector_device = torch.device("cpu") if offload == "all" else self.space.device
         self.sketch = HessianSketch(
             SketchSettings(
                 num_eigenpairs=min(self.levy.num_eigenpairs, self.space.dim),
@@ -202,6 +203,7 @@ class LevyCallback(TrainerCallback):
                 seed=self.seed,
                 vector_dtype=vector_dtype,
                 vector_device=vector_device,
+                basis_device=torch.device("cpu") if offload != "none" else None,
             )
         )
         self.physical_batch_size = (

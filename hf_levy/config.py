@@ -18,6 +18,7 @@ from hf_levy.calibration import MIN_MICROBATCHES
 HVP_METHODS = ("auto", "autograd", "finite_difference")
 SCALE_MODES = ("relative", "absolute")
 SKETCH_DTYPES = ("float32", "bfloat16")
+SKETCH_OFFLOADS = ("none", "basis", "all")
 NOISE_BASES = ("hessian", "isotropic")
 
 
@@ -130,11 +131,13 @@ class LevyArguments:
             "the sketch's memory, 2·P·(K + lanczos_num_iters) bytes, at about 1e-2 relative eigenvalue accuracy."
         },
     )
-    sketch_offload_to_cpu: bool = field(
-        default=False,
+    sketch_offload: Literal["none", "basis", "all"] = field(
+        default="none",
         metadata={
-            "help": "Keep the eigenvectors and the Lanczos basis in CPU memory (each product moves one vector to "
-            "the accelerator and back): for full fine-tunes whose P·(K + lanczos_num_iters) vectors do not fit."
+            "help": "Host memory for the sketch: 'basis' keeps the Lanczos basis (lanczos_num_iters x P, the "
+            "refresh's peak) in CPU memory and moves V (K x P) to the accelerator once per refresh, so steps "
+            "cost the same; 'all' keeps V there too (each step reads K x P host floats for the noise: for "
+            "models whose V does not fit); 'none' keeps both on the accelerator."
         },
     )
     hvp_method: Literal["auto", "autograd", "finite_difference"] = field(
@@ -187,6 +190,13 @@ class LevyArguments:
         )
         _check(
             self.sketch_dtype in SKETCH_DTYPES, "sketch_dtype", self.sketch_dtype, f"one of {SKETCH_DTYPES}"
+        )
+        _check(
+            self.sketch_offload in SKETCH_OFFLOADS,
+            "sketch_offload",
+            self.sketch_offload,
+            f"one of {SKETCH_OFFLOADS}",
+            "'basis' moves the refresh's Lanczos basis to CPU memory",
         )
         _check(self.hvp_method in HVP_METHODS, "hvp_method", self.hvp_method, f"one of {HVP_METHODS}")
         vbs = self.levy_virtual_batch_size

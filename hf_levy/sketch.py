@@ -31,7 +31,8 @@ class SketchSettings:
     tol: float
     seed: int
     vector_dtype: torch.dtype | None = None  # None: the dtype of the products
-    vector_device: torch.device | str | None = None  # None: the device of the products
+    vector_device: torch.device | str | None = None  # where V is kept; None: the device of the products
+    basis_device: torch.device | str | None = None  # where the Lanczos basis lives; None: vector_device
 
 
 class HessianSketch:
@@ -72,7 +73,7 @@ class HessianSketch:
                 init=self.vectors_PK,
                 generator=step_generator(s.seed + _LANCZOS_STREAM, step),
                 dtype=s.vector_dtype,
-                device=s.vector_device,
+                device=s.basis_device or s.vector_device,
                 reduce=reduce,
             )
         except FloatingPointError as err:
@@ -87,7 +88,11 @@ class HessianSketch:
                 stacklevel=2,
             )
             return {}
-        self.values_K, self.vectors_PK, self.step = pairs.values, pairs.vectors, step
+        vectors_PK = pairs.vectors
+        if s.basis_device is not None and s.vector_device is not None:
+            # moved once per refresh as the K contiguous rows lanczos returns (the same layout as kept)
+            vectors_PK = vectors_PK.T.to(s.vector_device).T
+        self.values_K, self.vectors_PK, self.step = pairs.values, vectors_PK, step
         return sketch_metrics(pairs, time.perf_counter() - start)
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -37,6 +37,9 @@ def config(tmp_path, **kw):
         ("levy_virtual_batch_size", 0),
         ("calibration_num_microbatches", 8),
         ("levy_noise_basis", "random"),
+        ("sketch_dtype", "float16"),
+        ("sketch_offload", True),
+        ("sketch_offload", "cpu"),
     ],
 )
 def test_bad_values_name_the_field_and_the_value(tmp_path, field, value):
@@ -97,8 +100,11 @@ def test_bad_value_in_yaml_is_reported_by_field(tmp_path):
 def test_command_line_flags_parse_with_choices(tmp_path):
     parser = HfArgumentParser(LevyConfig)
     (cfg,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--levy_alpha", "1.1", "--hvp_method", "finite_difference"]
+        [
+            *("--output_dir", str(tmp_path), "--levy_alpha", "1.1", "--hvp_method", "finite_difference"),
+            *("--sketch_offload", "basis"),
+        ]
     )
-    assert cfg.levy_alpha == 1.1 and cfg.hvp_method == "finite_difference"
+    assert cfg.levy_alpha == 1.1 and cfg.hvp_method == "finite_difference" and cfg.sketch_offload == "basis"
     with pytest.raises(SystemExit):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--hvp_method", "exact"])

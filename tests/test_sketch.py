@@ -50,6 +50,21 @@ def test_second_refresh_is_warm_started_and_cheaper():
     torch.testing.assert_close(s.values_K, torch.linalg.eigvalsh(B).flip(0)[:3], rtol=1e-8, atol=0)
 
 
+def test_an_offloaded_basis_runs_lanczos_on_the_host_and_moves_v_once_in_its_row_layout():
+    # No accelerator here: "meta" stands in for the device that keeps V. Lanczos must run where the basis
+    # lives (the CPU: a meta basis could not compute eigenvalues) and hand V over as K contiguous rows.
+    A, spectrum = planted()
+    settings = SketchSettings(
+        num_eigenpairs=3, num_iters=40, tol=1e-8, seed=0, vector_dtype=torch.float64, vector_device="meta"
+    )
+    settings.basis_device = "cpu"
+    s = HessianSketch(settings)
+    s.refresh(lambda v: A @ v.cpu(), 60, step=0)
+    torch.testing.assert_close(s.values_K, spectrum[:3], rtol=1e-8, atol=0)
+    assert s.vectors_PK.device.type == "meta" and s.vectors_PK.shape == (60, 3)
+    assert s.vectors_PK.stride() == (1, 60)  # the K-row layout the noise's addmv reads
+
+
 def test_a_non_finite_refresh_is_discarded_and_the_last_good_sketch_kept():
     A, _ = planted()
     s = sketch()
