@@ -149,6 +149,16 @@ class ParameterSpace:
         place (one ``addmv`` when the dtypes and layout allow): the step reads V once and the gradient once,
         where forming ξ first would also write and re-read P entries. A missing grad is created.
         """
+        # coef copied once per (device, dtype): a host-to-device copy from pageable memory waits for the
+        # stream, so one per parameter would serialize the kernel launches with the GPU.
+        coefs: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+        def coef_on(t: Tensor) -> Tensor:
+            key = (t.device, t.dtype)
+            if key not in coefs:
+                coefs[key] = coef_K.to(device=t.device, dtype=t.dtype)
+            return coefs[key]
+
         start = 0
         for p in self.params:
             if p.grad is None:
@@ -157,9 +167,9 @@ class ParameterSpace:
             rows_NK = vectors_PK[start : start + grad.numel()]
             start += grad.numel()
             if grad.is_contiguous() and rows_NK.dtype == grad.dtype and rows_NK.device == grad.device:
-                grad.view(-1).addmv_(rows_NK, coef_K.to(grad))
+                grad.view(-1).addmv_(rows_NK, coef_on(grad))
             else:  # e.g. bf16 or CPU-offloaded vectors: the product in their dtype, cast into the gradient
-                piece = rows_NK @ coef_K.to(device=rows_NK.device, dtype=rows_NK.dtype)
+                piece = rows_NK @ coef_on(rows_NK)
                 grad.add_(piece.view(grad.shape).to(device=grad.device, dtype=grad.dtype))
 
     def add_to_grads(self, flat_P: Tensor) -> None:
