@@ -1,10 +1,10 @@
 """Top-K Hessian eigenpairs of a tiny trained HF Llama: `hf_levy.lanczos` next to scipy eigsh and PyHessian.
 
-Command:  OMP_NUM_THREADS=1 python benchmarks/bench_eigensolvers.py --size small --k 1,4,8,16
-          OMP_NUM_THREADS=1 python benchmarks/bench_eigensolvers.py --size large --k 8 --repeats 5
-Hardware: CPU, one thread. Runtime on a shared 2-core machine: ~1.5 min (small, 4 values of K) and
-          ~4 min at the default 3 repeats, ~6 min at 5 (large, K = 8; training ~40 s, each float64 truth
-          ~20 s). Large K = 16 adds ~500 PyHessian products per repeat: `--pyhessian-max-k 8` skips them.
+Command:  OMP_NUM_THREADS=1 python benchmarks/bench_eigensolvers.py --size small --k 1,4,8,16 --warm-steps 0,5,20
+          OMP_NUM_THREADS=1 python benchmarks/bench_eigensolvers.py --size large --k 8 --repeats 3 --warm-steps 0,5,20
+Hardware: CPU, one thread. Runtime on a shared 2-core machine: ~4 min (small, 4 values of K) and
+          ~6 min at 3 repeats (large, K = 8; training ~40 s, each float64 truth ~20 s, PyHessian at tol/100
+          ~40 s per repeat). Large K = 16 adds ~500 PyHessian products per repeat: `--pyhessian-max-k 8` skips them.
 Outcome:  a markdown table, one row per (K, method):
   - products: Hessian-vector products the method made (counted by wrapping its product; deterministic,
     every start vector is seeded); wall s and t/grad (wall time over one float32 gradient, both medians of
