@@ -168,9 +168,9 @@ class ParameterSpace:
             start += grad.numel()
             if grad.is_contiguous() and rows_NK.dtype == grad.dtype and rows_NK.device == grad.device:
                 grad.view(-1).addmv_(rows_NK, coef_on(grad))
-            else:  # e.g. bf16 or CPU-offloaded vectors: the product in their dtype, cast into the gradient
-                piece = rows_NK @ coef_on(rows_NK)
-                grad.add_(piece.view(grad.shape).to(device=grad.device, dtype=grad.dtype))
+            else:  # e.g. bf16 or CPU-offloaded vectors: the product in their dtype, added with type promotion
+                piece = rows_NK @ coef_on(rows_NK)  # (the add reads it as is: no separate cast pass over it)
+                grad.add_(piece.view(grad.shape).to(grad.device))
 
     def add_to_grads(self, flat_P: Tensor) -> None:
         """``p.grad += piece`` for each parameter, from a (dim,) vector (padding ignored; a missing grad is created)."""
