@@ -83,6 +83,7 @@ class LevyCallback(TrainerCallback):
         self._sketch_metrics: dict[str, float] = {}
         self._noise_log: list[tuple[float, float]] = []  # (‖ξ‖, ‖ξ‖/‖g‖) per step since the last log
         self._skipped_nonfinite = 0
+        self._warned_unconverged = False  # the once-per-run warning for a sketch that hit lanczos_num_iters
         # Calibration (levy_virtual_batch_size): per-direction α_K and injected scales c_inj_K, float64 CPU.
         self.calibrated_alpha_K: Tensor | None = None
         self.calibrated_scale_K: Tensor | None = None
@@ -169,6 +170,7 @@ class LevyCallback(TrainerCallback):
         self._refresh_seconds, self._sketch_seconds_total, self._deferred_to = None, 0.0, None
         self._step_seconds, self._step_started = [], None
         self._sketch_metrics, self._noise_log, self._skipped_nonfinite = {}, [], 0
+        self._warned_unconverged = False
         self.model = model
         self.params = trainable_parameters(model)
         if not self.params:
@@ -283,6 +285,7 @@ class LevyCallback(TrainerCallback):
     def _sketch_step(self, step: int) -> None:
         start, previous = time.perf_counter(), self.sketch.step
         self._sketch_metrics = self.refresh_sketch(step)
+        self._warn_if_unconverged(step)
         if _rank_and_world()[1] > 1 and self.sketch.ready and not self.space.sharded:
             # Every rank ran the same Lanczos on the same averaged products, so the vectors already agree;
             # the broadcast makes that a guarantee: replicas whose noise differed would drift apart silently.
@@ -295,6 +298,24 @@ class LevyCallback(TrainerCallback):
         self._step_seconds, self._deferred_to = [], None
         if self._sketch_metrics and previous is not None:
             self._sketch_metrics["curvature/sketch_period"] = float(step - previous)
+
+    def _warn_if_unconverged(self, step: int) -> None:
+        """Once per run: a refresh that hit lanczos_num_iters before lanczos_tol (curvature/lanczos_converged = 0)."""
+        metrics = self._sketch_metrics
+        if self._warned_unconverged or metrics.get("curvature/lanczos_converged", 1.0) == 1.0:
+            return
+        self._warned_unconverged = True
+        if _rank_and_world()[0] == 0:
+            logger.warning(
+                "hf_levy: the Hessian sketch at step %d used all lanczos_num_iters=%d products and stopped at "
+                "relative residual %.2g > lanczos_tol=%g; the noise uses these approximate directions. Raise "
+                "lanczos_num_iters (about 4 x num_eigenpairs + 10) or lanczos_tol for certified eigenpairs "
+                "(logged as curvature/lanczos_converged; this warning is shown once)",
+                step,
+                self.sketch.settings.num_iters,
+                metrics["curvature/lanczos_residual"],
+                self.levy.lanczos_tol,
+            )
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.levy.levy_scale == 0 or not self.sketch.ready:

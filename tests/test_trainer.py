@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -314,3 +315,23 @@ def test_calibrated_noise_shrinks_with_gradient_clipping(tmp_path):
     noise = lambda t: t.state.log_history[0]["levy/noise_norm"]  # noqa: E731
     assert raw > 0.05
     assert noise(tight) == pytest.approx(noise(free) * 0.05 / raw, rel=1e-4)
+
+
+def test_a_sketch_that_hits_lanczos_num_iters_warns_once_and_a_certified_one_does_not(tmp_path, caplog):
+    message = "used all lanczos_num_iters"
+    with caplog.at_level(logging.WARNING, logger="hf_levy.callback"):
+        capped = run_levy(tmp_path, name="capped", max_steps=7, lanczos_num_iters=2, lanczos_tol=1e-9)
+    converged = [
+        e["curvature/lanczos_converged"] for e in capped.state.log_history if "curvature/hvp_count" in e
+    ]
+    assert converged == [0.0, 0.0, 0.0]  # three refreshes (steps 0, 3, 6), none certified
+    assert sum(message in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_levy.callback"):
+        certified = run_levy(tmp_path, name="certified", max_steps=4, lanczos_num_iters=40)
+    assert all(
+        e["curvature/lanczos_converged"] == 1.0
+        for e in certified.state.log_history
+        if "curvature/hvp_count" in e
+    )
+    assert not any(message in r.getMessage() for r in caplog.records)
