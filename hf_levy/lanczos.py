@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hf_levy.krylov_basis import KrylovBasis, local_inner
+
 __all__ = ["Eigenpairs", "lanczos"]
 
 # Block warm start: unit combination of the block's columns + this weight x a unit random vector.
@@ -26,18 +28,6 @@ _WARM_START_RANDOM_WEIGHT = 0.03
 # Offdiag below eps(dtype)**this x the running ||H|| estimate is rounding error (float32: 2.4e-5, above the
 # ~1e-6 noise of CGS2 and of float32 HVPs; float64: 3.7e-11): the Krylov space is invariant.
 _BREAKDOWN_EPS_POWER = 2.0 / 3.0
-# Float64 accumulation casts this many basis entries at a time: the scratch stays in cache (measured at
-# P = 1M, 60 rows, one thread: 2-4x a float32 gemv, against 35x for casting the whole basis at once).
-_CHUNK_NUMEL = 1 << 19
-# On an accelerator, chunks this large keep kernel launches few (a 0.57B-parameter sketch on an H200 spent
-# most of its time launching 2^19-entry chunks) while the float64 scratch stays at 1 GB; every chunked
-# operand also stays far below 2^31 elements, where large matrix products fell back to full copies.
-_CHUNK_NUMEL_ACCELERATOR = 1 << 27
-
-
-def _columns_per_chunk(rows: int, device: torch.device) -> int:
-    budget = _CHUNK_NUMEL if device.type == "cpu" else _CHUNK_NUMEL_ACCELERATOR
-    return max(1, budget // max(rows, 1))
 
 
 @dataclass(frozen=True)
@@ -54,41 +44,6 @@ class Eigenpairs:
     residuals: Tensor
     num_matvecs: int
     converged: bool
-
-
-def _local_inner(a_XP: Tensor, b_YP: Tensor) -> Tensor:
-    """a_XP @ b_YP.T accumulated in float64.
-
-    At P = 2^20 float32 sums put 4e-5 errors into Ritz values and 7e-5 into the orthogonality of the basis, even
-    with diag and norms in float64 (reorthogonalization coefficients in float32); float64 throughout: 3e-8.
-    """
-    if a_XP.dtype == torch.float64:
-        return a_XP @ b_YP.T
-    out_XY = torch.zeros(a_XP.shape[0], b_YP.shape[0], dtype=torch.float64, device=a_XP.device)
-    step = _columns_per_chunk(max(a_XP.shape[0], b_YP.shape[0]), a_XP.device)
-    for start in range(0, a_XP.shape[1], step):
-        out_XY += a_XP[:, start : start + step].double() @ b_YP[:, start : start + step].double().T
-    return out_XY
-
-
-def _minus_combination(w_P: Tensor, coeffs_X: Tensor, basis_XP: Tensor) -> Tensor:
-    """w − coeffs·basis as a new tensor (matvec may own w), computed in column chunks of the basis."""
-    out_P = w_P.clone()
-    coeffs_1X = coeffs_X.to(w_P.dtype)[None]
-    step = _columns_per_chunk(basis_XP.shape[0], basis_XP.device)
-    for start in range(0, basis_XP.shape[1], step):
-        out_P[start : start + step] -= (coeffs_1X @ basis_XP[:, start : start + step])[0]
-    return out_P
-
-
-def _combine_rows(weights_XK: Tensor, basis_XP: Tensor) -> Tensor:
-    """weights_XKᵀ · basis_XP as a (K, P) tensor, in column chunks of the basis."""
-    out_KP = torch.empty(weights_XK.shape[1], basis_XP.shape[1], dtype=basis_XP.dtype, device=basis_XP.device)
-    weights_KX = weights_XK.T.to(basis_XP.dtype)
-    step = _columns_per_chunk(basis_XP.shape[0], basis_XP.device)
-    for start in range(0, basis_XP.shape[1], step):
-        out_KP[:, start : start + step] = weights_KX @ basis_XP[:, start : start + step]
-    return out_KP
 
 
 def _top_ritz(diag: list[float], offdiag: list[float], k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -151,8 +106,9 @@ def lanczos(
         matvec: maps a (P,) tensor to H times it, a (P,) tensor. H must be symmetric.
         dim: P, the vector length (under sharding: this rank's shard length, equal on every rank).
         num_eigenpairs: K, with 1 <= K <= dim.
-        num_iters: cap on products (and basis rows kept in memory); default min(dim, 4K + 40), about 1.6x to 4x
-            what a tolerance of 1e-3 needed on LLM Hessians (10 / 29 / 44 / 62 products for K = 1 / 4 / 8 / 16).
+        num_iters: cap on products and basis rows (rows are allocated as used, see hf_levy.krylov_basis);
+            default min(dim, 4K + 40), about 1.6x to 4x what a tolerance of 1e-3 needed on LLM Hessians
+            (10 / 29 / 44 / 62 products for K = 1 / 4 / 8 / 16).
             Larger values are capped at dim. If the cap ends the run first, the best pairs come back with
             converged=False.
         tol: relative residual tolerance, > 0.
@@ -202,17 +158,18 @@ def lanczos(
     reduce = reduce if reduce is not None else (lambda t: t)
 
     def inner(a_XP: Tensor, b_YP: Tensor) -> Tensor:
-        return reduce(_local_inner(a_XP, b_YP))
+        return reduce(local_inner(a_XP, b_YP))
 
     def norm(v_P: Tensor) -> float:
         return math.sqrt(max(inner(v_P[None], v_P[None]).item(), 0.0))
 
-    def orthogonalize(w_P: Tensor, basis_XP: Tensor) -> tuple[Tensor, Tensor]:
-        # Classical Gram-Schmidt twice ("twice is enough"): two BLAS-2 passes, two reductions.
-        coeffs_X = inner(basis_XP, w_P[None])[:, 0]
-        w_P = _minus_combination(w_P, coeffs_X, basis_XP)
-        again_X = inner(basis_XP, w_P[None])[:, 0]
-        return _minus_combination(w_P, again_X, basis_XP), coeffs_X + again_X
+    def orthogonalize(w_P: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+        # Classical Gram-Schmidt twice ("twice is enough") against the first `rows` basis vectors: two BLAS-2
+        # passes, two reductions.
+        coeffs_X = reduce(basis.local_inner(rows, w_P))
+        w_P = basis.minus_combination(w_P, coeffs_X)
+        again_X = reduce(basis.local_inner(rows, w_P))
+        return basis.minus_combination(w_P, again_X), coeffs_X + again_X
 
     def randn() -> Tensor:
         return torch.randn(dim, generator=generator, device=generator.device, dtype=dtype).to(device)
@@ -234,7 +191,7 @@ def lanczos(
     if start_norm == 0:
         raise ValueError("init is the zero vector; pass a nonzero start vector (or None for a random start).")
 
-    basis_MP = torch.empty(m_max, dim, dtype=dtype, device=device)
+    basis = KrylovBasis(m_max, dim, dtype, device)
     q_P = start_P / start_norm
     diag: list[float] = []
     offdiag: list[float] = []
@@ -250,17 +207,17 @@ def lanczos(
             q_P, w_P = _first_product(matvec, q_P)
             if q_P.dtype != dtype:  # a float64 operator (e.g. an explicit float64 Hessian): work in float64
                 dtype, eps = q_P.dtype, torch.finfo(q_P.dtype).eps
-                basis_MP = torch.empty(m_max, dim, dtype=dtype, device=device)
+                basis = KrylovBasis(m_max, dim, dtype, device)
                 # The float32 start was unit to float32 rounding only; H is linear, so rescale q and Hq alike.
                 unit = norm(q_P)
                 q_P, w_P = q_P / unit, w_P / unit
-            basis_MP[0] = q_P
+            basis[0] = q_P
         else:
-            basis_MP[j] = q_P
+            basis[j] = q_P
             w_P = matvec(q_P)
         if w_P.shape != (dim,):
             raise ValueError(f"matvec must return shape ({dim},), got {tuple(w_P.shape)} at iteration {j}.")
-        w_P, coeffs_X = orthogonalize(w_P.to(device, dtype), basis_MP[: j + 1])
+        w_P, coeffs_X = orthogonalize(w_P.to(device, dtype), j + 1)
         diag_j, offdiag_j = coeffs_X[j].item(), norm(w_P)
         # Checked on reduced scalars, so every rank raises together; any inf/NaN in w reaches both.
         if not (math.isfinite(diag_j) and math.isfinite(offdiag_j)):
@@ -289,11 +246,11 @@ def lanczos(
                 break
         if breakdown:
             block_start = j + 1
-            w_P, _ = orthogonalize(randn(), basis_MP[: j + 1])
+            w_P, _ = orthogonalize(randn(), j + 1)
             offdiag_j = norm(w_P)
         q_P = w_P / offdiag_j
 
     # Stored as K contiguous rows and returned as their (P, K) transpose view: the noise V·c then runs as
     # one efficient pass over P (a row-major (P, K) layout makes it a skinny product of K-long dots).
-    vectors_PK = _combine_rows(ritz_MK.to(device), basis_MP[: len(diag)]).T
+    vectors_PK = basis.combine(ritz_MK.to(device)).T
     return Eigenpairs(values_K, vectors_PK, residuals_K, len(diag), converged)

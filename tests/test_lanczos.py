@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import threading
 
 import numpy as np
@@ -11,9 +13,20 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
 from torch.func import functional_call, hessian
 
+from hf_levy.krylov_basis import KrylovBasis
 from hf_levy.lanczos import Eigenpairs, lanczos
 
 F64 = torch.float64
+
+
+@pytest.fixture(params=[None, 3], ids=["one-block", "blocks-of-3"])
+def block_rows(request, monkeypatch):
+    """lanczos with the CPU's basis (one block) and with an accelerator's (rows allocated in small blocks)."""
+    if request.param is not None:
+        blocked = functools.partial(KrylovBasis, block_rows=request.param)
+        # the module, not the function hf_levy re-exports under the same name
+        monkeypatch.setattr(importlib.import_module("hf_levy.lanczos"), "KrylovBasis", blocked)
+    return request.param
 
 
 def rotated(spectrum: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -61,7 +74,7 @@ PRECISION = {F64: (1e-8, 1e-10, 1e-8, 1e-10), torch.float32: (1e-4, 1e-5, 1e-4, 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("kind", list(MATRICES))
-def test_matches_eigh_on_dense_symmetric_matrices(kind, dtype):
+def test_matches_eigh_on_dense_symmetric_matrices(kind, dtype, block_rows):
     a = rotated(MATRICES[kind])
     want_values, want_vectors = top_eigh(a, 6)
     tol, value_rtol, align_tol, orth_tol = PRECISION[dtype]
@@ -79,7 +92,7 @@ def test_matches_eigh_on_dense_symmetric_matrices(kind, dtype):
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
-def test_reported_residuals_bound_the_actual_residuals(dtype):
+def test_reported_residuals_bound_the_actual_residuals(dtype, block_rows):
     a = rotated(MATRICES["indefinite"])
     pairs = lanczos(lambda v: a.to(dtype) @ v, 300, 6, tol=1e-3, dtype=dtype, generator=seeded(2))
     vectors = pairs.vectors.double()
@@ -218,7 +231,7 @@ THREE_VALUES = torch.tensor([3.0, 1.0, -2.0], dtype=F64).repeat(10)  # each eige
     ],
     ids=["random-start", "start-top-eigenvector", "start-bottom-eigenvector", "k4", "k12"],
 )
-def test_invariant_subspaces_restart_and_find_repeated_eigenvalues(start, k, want, dtype):
+def test_invariant_subspaces_restart_and_find_repeated_eigenvalues(start, k, want, dtype, block_rows):
     init = None if start is None else torch.eye(30, dtype=dtype)[start]
     pairs = lanczos(
         lambda v: THREE_VALUES.to(v.dtype) * v, 30, k, init=init, dtype=dtype, generator=seeded(0)
@@ -237,7 +250,7 @@ def test_zero_operator_gives_zero_eigenvalues_without_nan():
     torch.testing.assert_close(pairs.vectors.T @ pairs.vectors, torch.eye(3, dtype=F64))
 
 
-def test_budget_exhausted_returns_unconverged_pairs_and_their_residuals():
+def test_budget_exhausted_returns_unconverged_pairs_and_their_residuals(block_rows):
     a = rotated(MATRICES["indefinite"])
     pairs = lanczos(lambda v: a @ v, 300, 6, num_iters=8, dtype=F64, generator=seeded(0))
     assert not pairs.converged and pairs.num_matvecs == 8
@@ -267,7 +280,7 @@ class TwoRanks:
 
 
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "block-warm-start"])
-def test_vectors_sharded_over_two_ranks_match_the_single_process_eigenpairs(warm):
+def test_vectors_sharded_over_two_ranks_match_the_single_process_eigenpairs(warm, block_rows):
     # Each rank holds half of every vector; reduce sums the local inner products, as all_reduce would.
     n, k = 200, 4
     a = rotated(MATRICES["indefinite"][:n])
