@@ -29,7 +29,8 @@ Methods, all at tol = `--tol` (1e-3) on the same float32 model and batch:
     "≤ tol" column says whether it did), the fair count for the 4x target;
   - hf_levy lanczos, finite-difference product (informative; not part of the targets): the product of
     `make_hvp(method="finite_difference")` at its default step;
-  - after N more AdamW steps (`--warm-steps`, default 0 and 20; same optimizer and data stream): hf_levy
+  - after N more AdamW steps (`--warm-steps`, default 0 and 20; same optimizer and data stream, at
+    `--warm-lr` if given, e.g. a fine-tuning learning rate 10x below the training one): hf_levy
     lanczos cold on the new Hessian vs warm-started with `init` = the first cold run's eigenvectors (N = 0:
     the same Hessian restarted from its own converged vectors, the best a warm start can do).
 Ground truth: ARPACK `eigsh(k=max K + 4, which='LA', tol=1e-10)` on the exact float64 product of a copy of the
@@ -208,6 +209,12 @@ def main() -> None:
     parser.add_argument(
         "--warm-steps", default="0,20", help="comma-separated further AdamW steps before each warm start"
     )
+    parser.add_argument(
+        "--warm-lr",
+        type=float,
+        default=None,
+        help="learning rate of the further steps (default: the training one; e.g. 10x lower for fine-tuning)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each method (median reported)")
     parser.add_argument("--pyhessian-max-k", type=int, default=16, help="skip PyHessian above this K (slow)")
     parser.add_argument(
@@ -256,6 +263,9 @@ def main() -> None:
 
     # Warm starts: train on (same optimizer, same data stream), then start from the vectors of the first cold run.
     # +0 steps is the floor of the mechanism: the same Hessian, restarted from its own converged vectors.
+    if args.warm_lr is not None:
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = args.warm_lr
     trained = 0
     for n in warm_steps:
         trainer.steps(n - trained)
@@ -277,7 +287,9 @@ def main() -> None:
     print(
         f"- size {args.size}: P = {dim:,} parameters, loss {lm_loss(model, batch).item():.3f} on the sketch batch "
         f"(8 x 32 tokens) after {args.train_steps}+{trained} AdamW steps ({train_seconds:.0f} s for the "
-        f"first {args.train_steps}); tol {tol:g}; median of {args.repeats} interleaved repeats.\n"
+        f"first {args.train_steps}); tol {tol:g}; median of {args.repeats} interleaved repeats"
+        + (f"; further steps at lr {args.warm_lr:g}" if args.warm_lr is not None else "")
+        + ".\n"
         f"- Truth: ARPACK float64, k = {max(ks) + 4}, {truth_products} products, {truth_seconds:.0f} s."
     )
     for n, (values, _) in truths.items():
