@@ -208,16 +208,19 @@ class LevyCallback(TrainerCallback):
                 basis_device=torch.device("cpu") if offload != "none" else None,
             )
         )
-        self.physical_batch_size = (
-            args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        )
+        per_step = _examples_per_batch(train_dataloader, args) * args.gradient_accumulation_steps
+        # B: the examples in one optimizer step's gradient. A step that sees the whole training set has no
+        # sampling noise of its own (None: the calibration then injects all of batch b's, c_inj = c_b).
+        self.physical_batch_size = None if per_step >= len(self.dataset) else per_step
         virtual = self.levy.levy_virtual_batch_size
         if virtual is not None:
-            if virtual >= self.physical_batch_size:
+            effective = min(per_step, len(self.dataset))
+            if virtual >= effective:
                 raise ValueError(
                     f"levy_virtual_batch_size={virtual} must be smaller than the physical batch size "
-                    f"{self.physical_batch_size} (per_device_train_batch_size x gradient_accumulation_steps x "
-                    "processes): the noise of a smaller batch is what the calibration imitates"
+                    f"{effective} (per-device batch x gradient_accumulation_steps x processes, at most the "
+                    f"{len(self.dataset)} training examples): the noise of a smaller batch is what the "
+                    "calibration imitates"
                 )
             world = _rank_and_world()[1]
             if self.space.sharded and virtual < world:
@@ -540,6 +543,18 @@ def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _examples_per_batch(train_dataloader: Any, args: Any) -> int:
+    """Examples in one micro-batch over all processes: Accelerate's ``total_batch_size`` (it follows
+    ``auto_find_batch_size``, which shrinks the batch without changing the arguments), else the arguments'."""
+    try:
+        total = train_dataloader.total_batch_size
+    except (AttributeError, TypeError):
+        total = None
+    if isinstance(total, int) and total > 0:
+        return total
+    return args.per_device_train_batch_size * args.world_size
 
 
 def _count_examples(batch: Mapping[str, Any]) -> int:

@@ -95,6 +95,7 @@ def test_calibration_under_ddp_gathers_the_single_process_table(tmp_path):
     for r in ranks:
         (got,) = r["first_fitted_alpha"]
         assert got == pytest.approx(expected, rel=1e-3)
+        assert r["physical_batch_size"] == 4 * 2 * 2  # per device x accumulation x ranks, of 64 examples
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])
 
 

@@ -236,6 +236,47 @@ def test_calibration_fits_alpha_and_scales_logs_them_and_resumes_exactly(tmp_pat
     assert torch.equal(flat_params(full), flat_params(resumed))
 
 
+@pytest.mark.parametrize(
+    ("per_device", "accumulation", "physical"),
+    [(64, 1, None), (16, 4, None), (16, 2, 32)],
+    ids=["full-batch", "accumulation-covers-the-data", "half-the-data"],
+)
+def test_calibrated_scale_follows_the_design_formula_and_is_c_b_at_full_batch(
+    tmp_path, monkeypatch, per_device, accumulation, physical
+):
+    # DESIGN.md: c_inj = c_b·(1 − (b/B)^(α−1))^(1/α), and c_b at full batch (a step over all 64 examples has
+    # no sampling noise of its own). The fit is recorded as it happens; the formula is evaluated here.
+    fits = []
+    real_fit = hf_levy.callback.fit_directional_noise
+    monkeypatch.setattr(
+        hf_levy.callback,
+        "fit_directional_noise",
+        lambda *a, **kw: fits.append(real_fit(*a, **kw)) or fits[-1],
+    )
+    trainer = run_levy(
+        tmp_path,
+        max_steps=1,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        levy_virtual_batch_size=2,
+        calibration_num_microbatches=32,
+    )
+    callback = trainer.levy_callback
+    assert callback.physical_batch_size == physical
+    c_b, alpha = fits[-1].scale_K, fits[-1].alpha_K
+    want = c_b if physical is None else c_b * (1 - (2 / physical) ** (alpha - 1)).clamp_min(0) ** (1 / alpha)
+    torch.testing.assert_close(callback.calibrated_scale_K, want, rtol=1e-12, atol=0)
+    if physical is None:
+        assert torch.equal(callback.calibrated_scale_K, c_b)
+
+
+def test_a_virtual_batch_as_large_as_the_training_set_is_rejected_at_full_batch(tmp_path):
+    with pytest.raises(
+        ValueError, match="levy_virtual_batch_size=64 must be smaller than the physical batch size 64"
+    ):
+        run_levy(tmp_path, per_device_train_batch_size=128, levy_virtual_batch_size=64)
+
+
 def test_calibration_scale_zero_is_still_the_stock_run(tmp_path):
     stock = run_stock(tmp_path)
     levy = run_levy(tmp_path, levy_scale=0.0, levy_virtual_batch_size=2, calibration_num_microbatches=32)

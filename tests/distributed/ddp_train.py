@@ -78,6 +78,7 @@ def main() -> None:
                 if "curvature/eigenvalue_0" in h
             ][0],
             "noise_draws": trainer.levy_callback.noise_draws,
+            "physical_batch_size": trainer.levy_callback.physical_batch_size,
             "refreshed": refreshed,
             "first_fitted_alpha": [
                 [h[key] for key in sorted(h) if key.startswith("levy/fitted_alpha_")]
