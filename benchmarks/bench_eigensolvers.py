@@ -92,16 +92,16 @@ def sorted_pairs(values: Tensor, vectors_PK: Tensor, products: int, certified: b
 
 
 def run_lanczos(
-    model, batch, k: int, tol: float, init: Tensor | None = None, method: str = "autograd"
+    model, batch, k: int, tol: float, init: Tensor | None = None, method: str = "autograd", seed: int = SEED
 ) -> Result:
     params = trainable_parameters(model)
     hvp = Counted(make_hvp(model, batch, params, method=method))
     dim = sum(p.numel() for p in params)
-    pairs = lanczos(hvp, dim, k, tol=tol, init=init, generator=torch.Generator().manual_seed(SEED))
+    pairs = lanczos(hvp, dim, k, tol=tol, init=init, generator=torch.Generator().manual_seed(seed))
     return sorted_pairs(pairs.values, pairs.vectors, hvp.calls, pairs.converged)
 
 
-def run_eigsh(model, batch, k: int, tol: float) -> Result:
+def run_eigsh(model, batch, k: int, tol: float, seed: int = SEED) -> Result:
     params = trainable_parameters(model)
     hvp = Counted(make_hvp(model, batch, params))
     dim = sum(p.numel() for p in params)
@@ -110,7 +110,7 @@ def run_eigsh(model, batch, k: int, tol: float) -> Result:
         matvec=lambda x: hvp(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32).reshape(-1))).numpy(),
         dtype=np.float32,
     )
-    v0 = np.random.default_rng(SEED).standard_normal(dim).astype(np.float32)
+    v0 = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
     try:
         values, vectors = eigsh(op, k=k, which="LA", tol=tol, v0=v0)
         certified = True
@@ -220,6 +220,12 @@ def main() -> None:
     parser.add_argument(
         "--pyhessian-tight", type=float, default=100.0, help="add a PyHessian row at tol / this (0: none)"
     )
+    parser.add_argument(
+        "--start-seeds",
+        type=int,
+        default=1,
+        help="also count cold lanczos and eigsh products from this many start vectors (seeds 0..N-1)",
+    )
     parser.add_argument("--no-fd", action="store_true", help="skip the finite-difference Lanczos row")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
@@ -260,6 +266,14 @@ def main() -> None:
         previous[k] = results["hf_levy lanczos, cold"].vectors_PK.float()
         for name, result in results.items():
             rows.append((k, name, result, seconds[name], grad, *score(result, values_T, vectors_PT)))
+
+    # Product counts depend on the start vector: the same cold runs from other seeded start vectors.
+    spread = {
+        (k, name): [run(model, batch, k, tol, seed=seed).products for seed in range(args.start_seeds)]
+        for k in ks
+        for name, run in (("hf_levy lanczos", run_lanczos), ("scipy eigsh", run_eigsh))
+        if args.start_seeds > 1
+    }
 
     # Warm starts: train on (same optimizer, same data stream), then start from the vectors of the first cold run.
     # +0 steps is the floor of the mechanism: the same Hessian, restarted from its own converged vectors.
@@ -332,6 +346,12 @@ def main() -> None:
                 f"; +{n} steps: warm / cold = {warm} / {cold} = {warm / cold:.0%} (retained {retained:.2f})"
             )
         print(line)
+    if spread:
+        print(
+            f"\nProducts from {args.start_seeds} start vectors (seeds 0..{args.start_seeds - 1}), cold, before the further steps:\n"
+        )
+        for (k, name), counts in spread.items():
+            print(f"- K={k}, {name}: {counts}, mean {sum(counts) / len(counts):.1f}")
 
 
 if __name__ == "__main__":
