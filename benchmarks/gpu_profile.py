@@ -187,13 +187,23 @@ SECTIONS = (
 ACCUMULATION = 8
 
 
+def noise_only(cli) -> dict:
+    """LevyConfig fields of a noise-only arm: one sketch at step 0, none after."""
+    return dict(
+        num_eigenpairs=cli.k,
+        lanczos_num_iters=cli.train_iters,
+        sketch_every_n_steps=10**6,
+        sketch_batch_size=cli.sketch_batch,
+        levy_scale=0.1,
+    )
+
+
 def run_section(cli, name: str) -> object:
     """One section's measurements (each section runs in its own process; see main)."""
     if name == "throughput":
         data = RandomTokens(cli.batch * (cli.steps + 2), cli.seq, cli.vocab)
         stock, _ = train_steps(cli, Trainer, data)
-        levy = dict(num_eigenpairs=cli.k, lanczos_num_iters=cli.train_iters, sketch_every_n_steps=10**6,
-                    sketch_batch_size=cli.sketch_batch, levy_scale=0.1)  # fmt: skip
+        levy = noise_only(cli)
         noise, info = train_steps(cli, LevyTrainer, data, **levy)
         noise_bf16, _ = train_steps(cli, LevyTrainer, data, **levy, sketch_dtype="bfloat16")
         skip = 2  # warm-up; the LevyTrainer's first step also holds its first sketch
@@ -217,8 +227,7 @@ def run_section(cli, name: str) -> object:
         cli.steps = steps
         data = RandomTokens(cli.batch * ACCUMULATION * (steps + 2), cli.seq, cli.vocab)
         stock, _ = train_steps(cli, Trainer, data, gradient_accumulation_steps=ACCUMULATION)
-        levy = dict(num_eigenpairs=cli.k, lanczos_num_iters=cli.train_iters, sketch_every_n_steps=10**6,
-                    sketch_batch_size=cli.sketch_batch, levy_scale=0.1)  # fmt: skip
+        levy = noise_only(cli)
         noise, _ = train_steps(cli, LevyTrainer, data, gradient_accumulation_steps=ACCUMULATION, **levy)
         t_stock, t_noise = statistics.median(stock[2:]), statistics.median(noise[2:])
         return {

@@ -13,6 +13,8 @@ Shape suffixes: P = vector length, X / Y = row counts, K = combinations.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -76,33 +78,34 @@ class KrylovBasis:
         """(rows,) float64: this process's part of <q_i, w> for i < rows (reduce it over shards)."""
         return torch.cat([local_inner(block_XP, w_P[None])[:, 0] for block_XP in self.first(rows)])
 
+    def _column_chunks(self, rows: int) -> Iterator[tuple[slice, slice, Tensor]]:
+        """(row slice, column slice, rows × columns view of the basis) over the first ``rows`` rows, block by
+        block, in column chunks sized for the float64 scratch budget."""
+        offset = 0
+        for block_XP in self.first(rows):
+            count = block_XP.shape[0]
+            step = _columns_per_chunk(count, block_XP.device)
+            for start in range(0, self.dim, step):
+                columns = slice(start, start + step)
+                yield slice(offset, offset + count), columns, block_XP[:, columns]
+            offset += count
+
     def minus_combination(self, w_P: Tensor, coeffs_X: Tensor) -> Tensor:
         """w − Σ_i coeffs_i q_i over the first len(coeffs) rows, as a new tensor (matvec may own w)."""
         out_P = w_P.clone()
         coeffs_1X = coeffs_X.to(w_P.dtype)[None]
-        offset = 0
-        for block_XP in self.first(coeffs_X.shape[0]):
-            rows = block_XP.shape[0]
-            step = _columns_per_chunk(rows, block_XP.device)
-            for start in range(0, self.dim, step):
-                chunk = coeffs_1X[:, offset : offset + rows] @ block_XP[:, start : start + step]
-                out_P[start : start + step] -= chunk[0]
-            offset += rows
+        for rows, columns, chunk_XC in self._column_chunks(coeffs_X.shape[0]):
+            out_P[columns] -= (coeffs_1X[:, rows] @ chunk_XC)[0]
         return out_P
 
     def combine(self, weights_XK: Tensor) -> Tensor:
         """weights_XKᵀ · rows as a (K, P) tensor over the first len(weights) rows."""
         out_KP = torch.empty(weights_XK.shape[1], self.dim, dtype=self.dtype, device=self.device)
         weights_KX = weights_XK.T.to(self.dtype)
-        offset = 0
-        for block_XP in self.first(weights_XK.shape[0]):
-            rows = block_XP.shape[0]
-            step = _columns_per_chunk(rows, block_XP.device)
-            for start in range(0, self.dim, step):
-                part_KC = weights_KX[:, offset : offset + rows] @ block_XP[:, start : start + step]
-                if offset == 0:
-                    out_KP[:, start : start + step] = part_KC
-                else:
-                    out_KP[:, start : start + step] += part_KC
-            offset += rows
+        for rows, columns, chunk_XC in self._column_chunks(weights_XK.shape[0]):
+            part_KC = weights_KX[:, rows] @ chunk_XC
+            if rows.start == 0:  # the first block writes, later blocks add
+                out_KP[:, columns] = part_KC
+            else:
+                out_KP[:, columns] += part_KC
         return out_KP
