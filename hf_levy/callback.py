@@ -35,12 +35,8 @@ from transformers import TrainerCallback
 from hf_levy.calibration import fit_directional_noise, injected_scale, microbatch_projections
 from hf_levy.config import LevyArguments
 from hf_levy.hvp import DoubleBackwardError, LossFn, make_hvp
-from hf_levy.noise import (
-    curvature_weights,
-    isotropic_noise,
-    noise_coefficients,
-    step_generator,
-)
+from hf_levy.noise import isotropic_noise, step_generator, step_noise
+from hf_levy.noise_tally import NoiseTally
 from hf_levy.params import ParameterSpace, sum_over_ranks, trainable_parameters
 from hf_levy.sketch import HessianSketch, SketchSettings
 
@@ -81,7 +77,9 @@ class LevyCallback(TrainerCallback):
         self.noise_draws = 0  # optimizer steps that received noise (tests count these)
         self._pending_state: dict[str, Tensor] | None = None
         self._sketch_metrics: dict[str, float] = {}
-        self._noise_log: list[tuple[float, float]] = []  # (‖ξ‖, ‖ξ‖/‖g‖) per step since the last log
+        self._noise_window = NoiseTally()  # the steps since the last log
+        self._noise_run = NoiseTally()  # the steps of this run
+        self._warned_capped = False  # the once-per-run warning for noise set by the cap
         self._skipped_nonfinite = 0
         self._warned_unconverged = False  # the once-per-run warning for a sketch that hit lanczos_num_iters
         # Calibration (levy_virtual_batch_size): per-direction α_K and injected scales c_inj_K, float64 CPU.
@@ -169,8 +167,9 @@ class LevyCallback(TrainerCallback):
         self.calibrated_alpha_K = self.calibrated_scale_K = None
         self._refresh_seconds, self._sketch_seconds_total, self._deferred_to = None, 0.0, None
         self._step_seconds, self._step_started = [], None
-        self._sketch_metrics, self._noise_log, self._skipped_nonfinite = {}, [], 0
-        self._warned_unconverged = False
+        self._sketch_metrics, self._skipped_nonfinite = {}, 0
+        self._noise_window, self._noise_run = NoiseTally(), NoiseTally()
+        self._warned_unconverged = self._warned_capped = False
         self.model = model
         self.params = trainable_parameters(model)
         if not self.params:
@@ -333,22 +332,43 @@ class LevyCallback(TrainerCallback):
             if self.sketch.step is not None
             else {}
         )
+        self._warn_if_mostly_capped()
         if "loss" not in logs:  # the summary: the sketch's total cost, refreshes after the last log included
-            logs.update(total)
-            _merge_into_last_entry(state, total)
+            run = {
+                k: v
+                for k, v in self._noise_run.metrics("levy/run_").items()
+                if k.endswith(("capped_fraction", "clipped_fraction"))
+            }
+            logs.update({**total, **run})
+            _merge_into_last_entry(state, {**total, **run})
             return
-        metrics = {**self._sketch_metrics, **total}
-        if self._noise_log:
-            norms, ratios = zip(*self._noise_log, strict=True)
-            metrics["levy/noise_norm"] = sum(norms) / len(norms)
-            metrics["levy/noise_to_grad_ratio"] = sum(ratios) / len(ratios)
+        metrics = {**self._sketch_metrics, **total, **self._noise_window.metrics()}
+        if self._noise_window.steps:
             if self.calibrated_alpha_K is None:
                 metrics["levy/alpha"] = float(self.levy.levy_alpha)
         if self._skipped_nonfinite:
             metrics["levy/skipped_nonfinite_steps"] = float(self._skipped_nonfinite)
         logs.update(metrics)
         _merge_into_last_entry(state, metrics)
-        self._sketch_metrics, self._noise_log, self._skipped_nonfinite = {}, [], 0
+        self._sketch_metrics, self._noise_window, self._skipped_nonfinite = {}, NoiseTally(), 0
+
+    def _warn_if_mostly_capped(self) -> None:
+        """Once per run: more than half of the noisy steps so far had their noise norm set by the cap."""
+        run = self._noise_run
+        if self._warned_capped or run.capped_fraction <= 0.5:
+            return
+        self._warned_capped = True
+        if _rank_and_world()[0] == 0:
+            logger.warning(
+                "hf_levy: the noise norm hit the cap levy_max_noise_ratio=%g x ||g|| on %d of %d steps (%.0f%%): "
+                "the noise is then a fixed-norm direction set by the cap, not by levy_alpha or levy_scale. "
+                "Lower levy_scale or raise levy_max_noise_ratio (logged as levy/capped_fraction; this "
+                "warning is shown once)",
+                self.levy.levy_max_noise_ratio,
+                run.capped_steps,
+                run.steps,
+                100 * run.capped_fraction,
+            )
 
     # ------------------------------------------------------------------ stages
     def sketch_batch(self, step: int) -> dict[str, Any]:
@@ -460,24 +480,28 @@ class LevyCallback(TrainerCallback):
             self._skipped_nonfinite += 1  # fp16 overflow: the optimizer skips this step, so no noise either
             return
         levy = self.levy
-        if self.calibrated_scale_K is not None:  # calibrated: absolute scales and per-direction α
+        shrink = 1.0
+        if self.calibrated_scale_K is not None:
             # Clipping shrank this step's gradient, and with it the physical batch's own noise, by
             # ‖g‖/‖g_raw‖; the injected noise shrinks the same way, so noise and signal keep the batch-b ratio.
             pre_clip = self._pre_clip_norm
             if pre_clip is not None and hasattr(pre_clip, "full_tensor"):  # FSDP2: a replicated DTensor
                 pre_clip = pre_clip.full_tensor()
             shrink = min(1.0, grad_norm / float(pre_clip)) if pre_clip else 1.0
-            scales_K, alpha = levy.levy_scale * shrink * self.calibrated_scale_K, self.calibrated_alpha_K
-        else:
-            unit = grad_norm if levy.levy_scale_mode == "relative" else 1.0
-            scales_K, alpha = (
-                levy.levy_scale * unit * curvature_weights(self.sketch.values_K),
-                levy.levy_alpha,
-            )
-        max_norm = levy.levy_max_noise_ratio * grad_norm if levy.levy_max_noise_ratio is not None else None
-        coef_K = noise_coefficients(
-            scales_K, alpha, step_generator(self.seed, step), clip=levy.levy_clip, max_norm=max_norm
+        draw = step_noise(
+            grad_norm,
+            self.sketch.values_K,
+            step_generator(self.seed, step),
+            levy_scale=levy.levy_scale,
+            scale_mode=levy.levy_scale_mode,
+            alpha=levy.levy_alpha,
+            clip=levy.levy_clip,
+            max_noise_ratio=levy.levy_max_noise_ratio,
+            calibrated_scale_K=self.calibrated_scale_K,
+            calibrated_alpha_K=self.calibrated_alpha_K,
+            clip_shrink=shrink,
         )
+        coef_K = draw.coef_K
         # Orthonormal columns give |ξ_j| <= ‖ξ‖ = ‖coef‖, so checking the K coefficients on the host rules
         # out an overflow anywhere in ξ. Only reachable with truncation off: such a draw is dropped.
         noise_norm = coef_K.norm().item()
@@ -489,7 +513,8 @@ class LevyCallback(TrainerCallback):
             self.space.add_combination_to_grads(self.sketch.vectors_PK, coef_K)
         else:
             self.space.add_to_grads(self._isotropic_noise(noise_norm, step))
-        self._noise_log.append((noise_norm, noise_norm / grad_norm if grad_norm > 0 else 0.0))
+        self._noise_window.add(draw, noise_norm, grad_norm)
+        self._noise_run.add(draw, noise_norm, grad_norm)
         self.noise_draws += 1
 
     def _isotropic_noise(self, noise_norm: float, step: int) -> Tensor:

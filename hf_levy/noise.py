@@ -14,6 +14,7 @@ Legend: P parameters (flat length, or the local shard length under FSDP), K eige
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,6 +45,19 @@ def curvature_weights(values_K: Tensor) -> Tensor:
     return torch.full_like(root, values_K.numel() ** -0.5)
 
 
+@dataclass(frozen=True)
+class NoiseDraw:
+    """One optimizer step's noise coefficients and what the truncation did to them."""
+
+    coef_K: Tensor  # float64 (K,): ξ = vectors_PK · coef_K
+    num_clipped: int  # draws z_i with |z_i| > clip, cut to ±clip
+    capped: bool  # ‖coef‖ exceeded max_norm and was rescaled to it
+
+    @property
+    def num_draws(self) -> int:
+        return self.coef_K.numel()
+
+
 def noise_coefficients(
     scales_K: Tensor,
     alpha: float | Tensor,
@@ -51,21 +65,55 @@ def noise_coefficients(
     *,
     clip: float | None,
     max_norm: float | None,
-) -> Tensor:
+) -> NoiseDraw:
     """coef_K = scales_K · clip(z_K), rescaled so that ‖coef‖ ≤ max_norm (float64, shape (K,)).
 
     ``scales_K`` are the SαS scales c_i (gradient units); ``alpha`` a float or a (K,) tensor; ``clip``
     bounds |z_i| (None: no per-draw clip); ``max_norm`` bounds ‖coef‖ (None: no cap).
     """
     z = sample_symmetric_stable(scales_K.shape, alpha, generator=generator, dtype=torch.float64)
+    num_clipped = 0
     if clip is not None:
+        num_clipped = int((z.abs() > clip).sum())
         z = z.clamp(-clip, clip)
     coef = scales_K.double().cpu() * z
+    capped = False
     if max_norm is not None:
         norm = coef.norm()
         if norm > max_norm:
             coef = coef * (max_norm / norm)
-    return coef
+            capped = True
+    return NoiseDraw(coef, num_clipped, capped)
+
+
+def step_noise(
+    grad_norm: float,
+    values_K: Tensor,
+    generator: torch.Generator,
+    *,
+    levy_scale: float,
+    scale_mode: str,
+    alpha: float,
+    clip: float | None,
+    max_noise_ratio: float | None,
+    calibrated_scale_K: Tensor | None = None,
+    calibrated_alpha_K: Tensor | None = None,
+    clip_shrink: float = 1.0,
+) -> NoiseDraw:
+    """The noise law of one optimizer step: its coefficients from the gradient norm and the sketch.
+
+    Uncalibrated: c = levy_scale · u · w(λ), with u = ‖g‖ ('relative') or 1 ('absolute') and w the
+    :func:`curvature_weights`, at one ``alpha`` for every direction. Calibrated: c = levy_scale ·
+    clip_shrink · calibrated_scale_K at the fitted ``calibrated_alpha_K`` (``clip_shrink`` = ‖g‖/‖g_raw‖,
+    the share max_grad_norm clipping kept of the gradient). The cap is ‖coef‖ ≤ max_noise_ratio · ‖g‖.
+    """
+    if calibrated_scale_K is not None:
+        scales_K, alpha = levy_scale * clip_shrink * calibrated_scale_K, calibrated_alpha_K
+    else:
+        unit = grad_norm if scale_mode == "relative" else 1.0
+        scales_K = levy_scale * unit * curvature_weights(values_K)
+    max_norm = max_noise_ratio * grad_norm if max_noise_ratio is not None else None
+    return noise_coefficients(scales_K, alpha, generator, clip=clip, max_norm=max_norm)
 
 
 def directional_noise(vectors_PK: Tensor, coef_K: Tensor) -> Tensor:

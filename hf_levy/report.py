@@ -68,6 +68,10 @@ def build_report(run_dir: str | pathlib.Path) -> pathlib.Path:
         "",
         *arm_table(summaries),
         "",
+        "capped: share of the noisy steps whose noise norm the cap `levy_max_noise_ratio`·‖g‖ set; clipped: share "
+        "of the α-stable draws that `levy_clip` cut.",
+        "",
+        *capped_warning(summaries),
         "## Per arm and seed",
         "",
         *seed_table(summaries),
@@ -107,30 +111,50 @@ def by_arm(summaries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 def arm_table(summaries: list[dict[str, Any]]) -> list[str]:
     rows = [
-        "| arm | trainer | batch | α | noise | reached target | steps to target | epochs to target | seconds to target | best metric | final metric | sketch share |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| arm | trainer | batch | α | noise | reached target | steps to target | epochs to target | seconds to target | best metric | final metric | sketch share | capped | clipped |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for arm, group in by_arm(summaries).items():
         first = group[0]
         reached = [s for s in group if s["steps_to_target"] is not None]
-        pick = lambda key, items: [s[key] for s in items if s[key] is not None]  # noqa: E731
+        pick = lambda key, items: [s[key] for s in items if s.get(key) is not None]  # noqa: E731
         rows.append(
             f"| {arm} | {first['trainer']} | {first['global_batch_size']} | {_fmt(first['levy_alpha'])} "
             f"| {_fmt(first['levy_noise_basis'])} | {len(reached)}/{len(group)} "
             f"| {_mean_std(pick('steps_to_target', reached))} | {_mean_std(pick('epochs_to_target', reached))} "
             f"| {_mean_std(pick('seconds_to_target', reached))} | {_mean_std(pick('best_metric', group))} "
-            f"| {_mean_std(pick('final_metric', group))} | {_mean_std(pick('sketch_share', group))} |"
+            f"| {_mean_std(pick('final_metric', group))} | {_mean_std(pick('sketch_share', group))} "
+            f"| {_mean_std(pick('capped_fraction', group))} | {_mean_std(pick('clipped_fraction', group))} |"
         )
     return rows
+
+
+def capped_warning(summaries: list[dict[str, Any]]) -> list[str]:
+    """A paragraph naming the arms whose noise norm the cap set on more than half of the steps."""
+    mostly = {
+        arm: statistics.mean(s["capped_fraction"] for s in group)
+        for arm, group in by_arm(summaries).items()
+        if all(s.get("capped_fraction") is not None for s in group)
+    }
+    mostly = {arm: share for arm, share in mostly.items() if share > 0.5}
+    if not mostly:
+        return []
+    listed = ", ".join(f"{arm} ({share:.0%} of steps)" for arm, share in mostly.items())
+    return [
+        f"**Noise mostly capped** in {listed}: there the noise norm was levy_max_noise_ratio·‖g‖, set by the "
+        "cap, not by α or levy_scale; differences in α between these arms measure the cap.",
+        "",
+    ]
 
 
 def seed_table(summaries: list[dict[str, Any]]) -> list[str]:
     keys = [
         "arm", "seed", "steps", "final_metric", "best_metric", "final_train_loss", "steps_to_target",
         "epochs_to_target", "seconds_to_target", "train_runtime", "samples_per_second", "sketch_share",
+        "capped_fraction", "clipped_fraction",
     ]  # fmt: skip
     rows = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    rows += ["| " + " | ".join(_fmt(s[k]) for k in keys) + " |" for s in summaries]
+    rows += ["| " + " | ".join(_fmt(s.get(k)) for k in keys) + " |" for s in summaries]
     return rows
 
 

@@ -169,6 +169,7 @@ def summarize(
     sketch_seconds = max((h.get("curvature/sketch_seconds_total", 0.0) for h in history), default=0.0)
     reached = tracker.reached
     losses = [h["loss"] for h in history if "loss" in h]
+    run_end = history[-1] if history else {}
     return {
         "arm": arm,
         "seed": seed,
@@ -188,6 +189,9 @@ def summarize(
         "samples_per_second": train_metrics.get("train_samples_per_second"),
         "sketch_seconds": sketch_seconds,
         "sketch_share": sketch_seconds / runtime if runtime and math.isfinite(runtime) else None,
+        # LevyCallback's whole-run shares: steps whose noise norm the cap set, α-stable draws the clip cut
+        "capped_fraction": run_end.get("levy/run_capped_fraction"),
+        "clipped_fraction": run_end.get("levy/run_clipped_fraction"),
         "target": {"metric": metric, "value": recipe.target.value},
     }
 

@@ -6,12 +6,14 @@ import torch
 
 from hf_levy import sample_symmetric_stable
 from hf_levy.noise import (
+    NoiseDraw,
     curvature_weights,
     directional_noise,
     isotropic_noise,
     noise_coefficients,
     step_generator,
 )
+from hf_levy.noise_tally import NoiseTally
 
 
 def orthonormal(P, K, seed=0):
@@ -25,14 +27,14 @@ def test_coefficients_couple_exactly_across_scales():
     scales = torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64)
     unit = noise_coefficients(
         torch.ones(3, dtype=torch.float64), 1.5, step_generator(0, 5), clip=None, max_norm=None
-    )
-    scaled = noise_coefficients(scales, 1.5, step_generator(0, 5), clip=None, max_norm=None)
+    ).coef_K
+    scaled = noise_coefficients(scales, 1.5, step_generator(0, 5), clip=None, max_norm=None).coef_K
     torch.testing.assert_close(scaled, scales * unit, rtol=1e-12, atol=0)
 
 
 def test_coefficients_are_the_sampler_draws_times_the_scales():
     scales = torch.tensor([2.0, 0.25], dtype=torch.float64)
-    coef = noise_coefficients(scales, 1.2, step_generator(3, 9), clip=None, max_norm=None)
+    coef = noise_coefficients(scales, 1.2, step_generator(3, 9), clip=None, max_norm=None).coef_K
     z = sample_symmetric_stable((2,), 1.2, generator=step_generator(3, 9), dtype=torch.float64)
     torch.testing.assert_close(coef, scales * z, rtol=1e-12, atol=0)
 
@@ -47,11 +49,11 @@ def test_step_generator_depends_only_on_seed_and_step():
 
 def test_clip_bounds_each_draw_and_cap_bounds_the_norm():
     scales = torch.full((64,), 2.0, dtype=torch.float64)
-    clipped = noise_coefficients(scales, 0.5, step_generator(0, 0), clip=3.0, max_norm=None)
+    clipped = noise_coefficients(scales, 0.5, step_generator(0, 0), clip=3.0, max_norm=None).coef_K
     assert (clipped.abs() <= 6.0 + 1e-12).all() and (clipped.abs() == 6.0).any()
-    capped = noise_coefficients(scales, 0.5, step_generator(0, 0), clip=None, max_norm=1.0)
+    capped = noise_coefficients(scales, 0.5, step_generator(0, 0), clip=None, max_norm=1.0).coef_K
     torch.testing.assert_close(capped.norm(), torch.tensor(1.0, dtype=torch.float64))
-    free = noise_coefficients(scales, 0.5, step_generator(0, 0), clip=None, max_norm=None)
+    free = noise_coefficients(scales, 0.5, step_generator(0, 0), clip=None, max_norm=None).coef_K
     torch.testing.assert_close(
         capped, free / free.norm(), rtol=1e-12, atol=0
     )  # the cap rescales, keeps direction
@@ -82,3 +84,33 @@ def test_isotropic_noise_has_the_requested_norm_and_is_spread_over_all_coordinat
         -10, 10
     )
     torch.testing.assert_close(xi, z * (3.0 / z.double().norm()).float(), rtol=1e-6, atol=1e-9)
+
+
+def test_draw_reports_the_clipped_draws_and_whether_the_cap_bound():
+    scales = torch.tensor([2.0, 1.0, 0.5, 0.25, 1.0, 3.0], dtype=torch.float64)
+    for seed in range(20):
+        z = sample_symmetric_stable((6,), 0.9, generator=step_generator(seed, 4), dtype=torch.float64)
+        clipped = z.clamp(-2.0, 2.0)
+        free_norm = float((scales * clipped).norm())
+        draw = noise_coefficients(scales, 0.9, step_generator(seed, 4), clip=2.0, max_norm=3.0)
+        assert draw.num_clipped == int((z.abs() > 2.0).sum()) and draw.num_draws == 6
+        assert draw.capped == (free_norm > 3.0)
+        expected = scales * clipped * (min(1.0, 3.0 / free_norm))
+        torch.testing.assert_close(draw.coef_K, expected, rtol=1e-12, atol=0)
+    off = noise_coefficients(scales, 0.9, step_generator(0, 4), clip=None, max_norm=None)
+    assert off.num_clipped == 0 and not off.capped
+
+
+def test_tally_fractions_and_means_over_known_draws():
+    tally = NoiseTally()
+    coef = torch.zeros(4, dtype=torch.float64)
+    # (capped, clipped draws of 4, ‖ξ‖, ‖g‖)
+    steps = [(True, 1, 2.0, 2.0), (False, 0, 1.0, 4.0), (True, 3, 3.0, 1.0), (True, 0, 0.5, 0.0)]
+    for capped, clipped, noise_norm, grad_norm in steps:
+        tally.add(NoiseDraw(coef, clipped, capped), noise_norm, grad_norm)
+    metrics = tally.metrics()
+    assert metrics["levy/capped_fraction"] == 0.75
+    assert metrics["levy/clipped_fraction"] == 4 / 16
+    assert metrics["levy/noise_norm"] == (2.0 + 1.0 + 3.0 + 0.5) / 4
+    assert metrics["levy/noise_to_grad_ratio"] == (1.0 + 0.25 + 3.0 + 0.0) / 4
+    assert NoiseTally().metrics() == {}

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from hf_levy.report import verdict
+from hf_levy.report import arm_table, capped_warning, verdict
 
 
 def summary(arm, trainer, batch, steps_to_target, final, basis="hessian", seed=0, epochs=None, seconds=None):
     return {
-        "arm": arm, "seed": seed, "trainer": trainer, "global_batch_size": batch, "steps": 500,
+        "arm": arm, "seed": seed, "trainer": trainer, "global_batch_size": batch, "steps": 500, "levy_alpha": None,
         "levy_noise_basis": basis if trainer == "levy" else None, "steps_to_target": steps_to_target,
-        "epochs_to_target": epochs, "seconds_to_target": seconds, "final_metric": final,
+        "epochs_to_target": epochs, "seconds_to_target": seconds, "final_metric": final, "best_metric": final,
+        "sketch_share": None,
     }  # fmt: skip
 
 
@@ -38,3 +39,26 @@ def test_verdict_reports_an_arm_that_never_reached_the_target_and_lower_is_bette
     )
     assert "did not reach eval_loss ≤ 2.2 in 1 of 1 seeds" in text
     assert "Stock reached the target and LevyTrainer did not." in text
+
+
+def test_report_shows_the_truncation_shares_and_names_the_arms_whose_noise_the_cap_set():
+    runs = [
+        {
+            **summary("capped", "levy", 100, 50, 0.9, seed=0),
+            "capped_fraction": 0.75,
+            "clipped_fraction": 0.01,
+        },
+        {
+            **summary("capped", "levy", 100, 60, 0.9, seed=1),
+            "capped_fraction": 0.45,
+            "clipped_fraction": 0.03,
+        },
+        {**summary("free", "levy", 100, 70, 0.9), "capped_fraction": 0.02, "clipped_fraction": 0.0},
+        summary("stock", "stock", 100, 80, 0.9),
+    ]
+    [paragraph, _] = capped_warning(runs)
+    assert "capped (60% of steps)" in paragraph and "free" not in paragraph
+    table = arm_table(runs)
+    assert table[0].endswith("| capped | clipped |")
+    assert table[2].endswith("| 0.6 ± 0.21 | 0.02 ± 0.014 |") and table[4].endswith("| — | — |")
+    assert capped_warning(runs[2:]) == []

@@ -8,11 +8,14 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_utils import flat_params, model, run_levy, run_stock, token_dataset
+from trainer_utils import SKETCH, flat_params, model, run_levy, run_stock, token_dataset
 from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
 import hf_levy.callback
+import hf_levy.noise
 from hf_levy import LevyConfig, LevyTrainer
+from hf_levy.noise import NoiseDraw, step_generator
+from hf_levy.stable import sample_symmetric_stable
 
 
 def test_scale_zero_is_bitwise_the_stock_trainer_with_the_sketch_running(tmp_path):
@@ -78,10 +81,8 @@ class StepCounter(TrainerCallback):
 
 def test_noise_is_drawn_once_per_optimizer_step_with_gradient_accumulation(tmp_path, monkeypatch):
     draws = []
-    real = hf_levy.callback.noise_coefficients
-    monkeypatch.setattr(
-        hf_levy.callback, "noise_coefficients", lambda *a, **k: draws.append(1) or real(*a, **k)
-    )
+    real = hf_levy.noise.noise_coefficients
+    monkeypatch.setattr(hf_levy.noise, "noise_coefficients", lambda *a, **k: draws.append(1) or real(*a, **k))
     args = LevyConfig(
         output_dir=str(tmp_path / "ga"),
         max_steps=4,
@@ -122,7 +123,9 @@ def test_heavy_tails_never_give_a_non_finite_loss_or_parameter(tmp_path):
 
 def test_noise_that_overflows_the_gradient_dtype_is_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(
-        hf_levy.callback, "noise_coefficients", lambda scales, *a, **k: torch.full_like(scales, 1e300)
+        hf_levy.noise,
+        "noise_coefficients",
+        lambda scales, *a, **k: NoiseDraw(torch.full_like(scales, 1e300), 0, False),
     )
     stock = run_stock(tmp_path, max_steps=3)
     levy = run_levy(tmp_path, max_steps=3, levy_clip=None, levy_max_noise_ratio=None)
@@ -376,3 +379,47 @@ def test_a_sketch_that_hits_lanczos_num_iters_warns_once_and_a_certified_one_doe
         if "curvature/hvp_count" in e
     )
     assert not any(message in r.getMessage() for r in caplog.records)
+
+
+def test_truncation_fractions_per_logging_window_match_the_draws(tmp_path):
+    # Each window's clipped fraction is the share of its steps' K draws with |z| > clip, redrawn here from
+    # the step-seeded sampler; the run fraction in the summary counts every step.
+    K, every = SKETCH["num_eigenpairs"], 3
+    trainer = run_levy(
+        tmp_path, max_steps=6, logging_steps=every, levy_alpha=1.0, levy_clip=1.0, levy_max_noise_ratio=None
+    )
+    seed = trainer.args.levy_seed
+
+    def clipped(step):
+        z = sample_symmetric_stable((K,), 1.0, generator=step_generator(seed, step), dtype=torch.float64)
+        return int((z.abs() > 1.0).sum())
+
+    windows = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in windows] == [3, 6]
+    fractions = [h["levy/clipped_fraction"] for h in windows]
+    assert fractions == [
+        sum(clipped(s) for s in range(h["step"] - every, h["step"])) / (every * K) for h in windows
+    ]
+    assert len(set(fractions)) == 2 and all(0 < f < 1 for f in fractions)  # Cauchy draws cut half the time
+    assert [h["levy/capped_fraction"] for h in windows] == [0.0, 0.0]
+    summary = trainer.state.log_history[-1]
+    assert summary["levy/run_clipped_fraction"] == sum(clipped(s) for s in range(6)) / (6 * K)
+    assert summary["levy/run_capped_fraction"] == 0.0
+
+
+def test_a_cap_that_sets_the_noise_norm_is_logged_and_warned_once(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_levy.callback"):
+        trainer = run_levy(tmp_path, max_steps=4, logging_steps=2, levy_max_noise_ratio=1e-6)
+    windows = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["levy/capped_fraction"] for h in windows] == [1.0, 1.0]
+    assert all(h["levy/noise_to_grad_ratio"] <= 1e-6 * (1 + 1e-9) for h in windows)
+    assert trainer.state.log_history[-1]["levy/run_capped_fraction"] == 1.0
+    warnings = [r for r in caplog.records if "levy_max_noise_ratio=1e-06" in r.getMessage()]
+    assert len(warnings) == 1 and "2 of 2 steps" in warnings[0].getMessage()
+
+
+def test_a_cap_that_rarely_binds_gives_no_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_levy.callback"):
+        trainer = run_levy(tmp_path, max_steps=4, logging_steps=2, levy_scale=0.01, levy_max_noise_ratio=1.0)
+    assert [h["levy/capped_fraction"] for h in trainer.state.log_history if "loss" in h] == [0.0, 0.0]
+    assert not [r for r in caplog.records if "levy_max_noise_ratio" in r.getMessage()]

@@ -103,7 +103,7 @@ def main() -> None:
         step_generator(0, 7),
         clip=10.0,
         max_norm=None,
-    )
+    ).coef_K
     local_vectors = torch.stack(
         [
             space.pad(flatten([local.to_local() for local in _distribute(space, column)]))

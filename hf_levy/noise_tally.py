@@ -1,0 +1,51 @@
+"""What the noise really was over a span of optimizer steps: its mean size and how often truncation acted.
+
+The norm cap and the per-draw clip can override the noise law: when the cap binds on most steps, the
+noise norm is ``levy_max_noise_ratio``·‖g‖ whatever α or the scale, so the logs say how often each bound
+acted (``levy/capped_fraction``, ``levy/clipped_fraction``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hf_levy.noise import NoiseDraw
+
+
+@dataclass
+class NoiseTally:
+    """Counts over the optimizer steps that received noise (a logging window, or the whole run)."""
+
+    steps: int = 0
+    capped_steps: int = 0  # steps whose ‖ξ‖ hit the cap levy_max_noise_ratio·‖g‖
+    clipped_draws: int = 0  # α-stable draws z_i that levy_clip cut
+    draws: int = 0
+    norm_sum: float = 0.0  # Σ ‖ξ‖
+    ratio_sum: float = 0.0  # Σ ‖ξ‖/‖g‖
+
+    def add(self, draw: NoiseDraw, noise_norm: float, grad_norm: float) -> None:
+        self.steps += 1
+        self.capped_steps += int(draw.capped)
+        self.clipped_draws += draw.num_clipped
+        self.draws += draw.num_draws
+        self.norm_sum += noise_norm
+        self.ratio_sum += noise_norm / grad_norm if grad_norm > 0 else 0.0
+
+    @property
+    def capped_fraction(self) -> float:
+        return self.capped_steps / self.steps if self.steps else 0.0
+
+    @property
+    def clipped_fraction(self) -> float:
+        return self.clipped_draws / self.draws if self.draws else 0.0
+
+    def metrics(self, prefix: str = "levy/") -> dict[str, float]:
+        """Mean ‖ξ‖, mean ‖ξ‖/‖g‖ and the two truncation fractions; empty when no step had noise."""
+        if not self.steps:
+            return {}
+        return {
+            f"{prefix}noise_norm": self.norm_sum / self.steps,
+            f"{prefix}noise_to_grad_ratio": self.ratio_sum / self.steps,
+            f"{prefix}capped_fraction": self.capped_fraction,
+            f"{prefix}clipped_fraction": self.clipped_fraction,
+        }
