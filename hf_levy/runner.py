@@ -25,6 +25,7 @@ from hf_levy.trainer import LevyTrainer
 # Task builders a recipe can name (recipes are data, so the name must map to code somewhere).
 TASKS: dict[str, Callable[..., tasks.Task]] = {
     "modular_addition": tasks.modular_addition,
+    "modular_arithmetic": tasks.modular_arithmetic,
     "digits": tasks.digits,
     "python_source_bytes": tasks.python_source_bytes,
     "sentiment_templates": tasks.sentiment_templates,

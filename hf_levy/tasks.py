@@ -64,12 +64,31 @@ def answer_accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
     return {"accuracy": float((predictions == answers).mean())}
 
 
+# c = op(a, b) mod p for each operation a modular task can use
+OPERATIONS: dict[str, tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {
+    "add": ("a + b", torch.add),
+    "subtract": ("a - b", torch.sub),
+    "multiply": ("a * b", torch.mul),
+}
+
+
 def modular_addition(modulus: int = 97, train_fraction: float = 0.3, seed: int = 0) -> Task:
     """All p² pairs of ``a + b mod p`` as ``[a, b, EQ, c]``; a seeded ``train_fraction`` of them for training.
 
     The vocabulary is ``0 … p`` (``p`` is EQ), so ``vocab_size = p + 1``. The train set holds
     ``round(train_fraction · p²)`` pairs, the test set the rest; the split depends only on ``seed``.
     """
+    return modular_arithmetic("add", modulus, train_fraction, seed)
+
+
+def modular_arithmetic(
+    operation: str = "add", modulus: int = 97, train_fraction: float = 0.3, seed: int = 0
+) -> Task:
+    """:func:`modular_addition` for another binary operation: ``c = op(a, b) mod p``, ``op`` one of
+    ``OPERATIONS`` ('add', 'subtract', 'multiply'); the same sequences, split and vocabulary."""
+    if operation not in OPERATIONS:
+        raise ValueError(f"operation must be one of {sorted(OPERATIONS)}, got {operation!r}")
+    formula, op = OPERATIONS[operation]
     if isinstance(modulus, bool) or not isinstance(modulus, int) or modulus < 2:
         raise ValueError(f"modulus must be an integer >= 2, got {modulus!r}: e.g. modulus=97 (a prime)")
     if not 0 < train_fraction < 1:
@@ -87,7 +106,7 @@ def modular_addition(modulus: int = 97, train_fraction: float = 0.3, seed: int =
         )
     a = torch.arange(modulus).repeat_interleave(modulus)
     b = torch.arange(modulus).repeat(modulus)
-    answer = (a + b) % modulus
+    answer = op(a, b) % modulus
     eq = torch.full_like(a, modulus)
     input_ids = torch.stack([a, b, eq, answer], dim=1)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
@@ -106,7 +125,7 @@ def modular_addition(modulus: int = 97, train_fraction: float = 0.3, seed: int =
         preprocess_logits_for_metrics=answer_predictions,
         vocab_size=modulus + 1,
         description=(
-            f"a + b mod {modulus}: {num_train} train / {num_pairs - num_train} test pairs "
+            f"{formula} mod {modulus}: {num_train} train / {num_pairs - num_train} test pairs "
             f"(train_fraction={train_fraction}, seed={seed}), sequences [a, b, EQ={modulus}, c], "
             "loss and accuracy on c only"
         ),
