@@ -72,6 +72,7 @@ def build_report(run_dir: str | pathlib.Path) -> pathlib.Path:
         "of the α-stable draws that `levy_clip` cut.",
         "",
         *capped_warning(summaries),
+        *alpha_study(summaries),
         "## Per arm and seed",
         "",
         *seed_table(summaries),
@@ -102,6 +103,11 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
 
 
+def _values(group: list[dict[str, Any]], key: str) -> list[Any]:
+    """The non-missing values of ``key`` over a group of summaries."""
+    return [s[key] for s in group if s.get(key) is not None]
+
+
 def by_arm(summaries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for s in summaries:
@@ -117,14 +123,13 @@ def arm_table(summaries: list[dict[str, Any]]) -> list[str]:
     for arm, group in by_arm(summaries).items():
         first = group[0]
         reached = [s for s in group if s["steps_to_target"] is not None]
-        pick = lambda key, items: [s[key] for s in items if s.get(key) is not None]  # noqa: E731
         rows.append(
             f"| {arm} | {first['trainer']} | {first['global_batch_size']} | {_fmt(first['levy_alpha'])} "
             f"| {_fmt(first['levy_noise_basis'])} | {len(reached)}/{len(group)} "
-            f"| {_mean_std(pick('steps_to_target', reached))} | {_mean_std(pick('epochs_to_target', reached))} "
-            f"| {_mean_std(pick('seconds_to_target', reached))} | {_mean_std(pick('best_metric', group))} "
-            f"| {_mean_std(pick('final_metric', group))} | {_mean_std(pick('sketch_share', group))} "
-            f"| {_mean_std(pick('capped_fraction', group))} | {_mean_std(pick('clipped_fraction', group))} |"
+            f"| {_mean_std(_values(reached, 'steps_to_target'))} | {_mean_std(_values(reached, 'epochs_to_target'))} "
+            f"| {_mean_std(_values(reached, 'seconds_to_target'))} | {_mean_std(_values(group, 'best_metric'))} "
+            f"| {_mean_std(_values(group, 'final_metric'))} | {_mean_std(_values(group, 'sketch_share'))} "
+            f"| {_mean_std(_values(group, 'capped_fraction'))} | {_mean_std(_values(group, 'clipped_fraction'))} |"
         )
     return rows
 
@@ -145,6 +150,71 @@ def capped_warning(summaries: list[dict[str, Any]]) -> list[str]:
         "cap, not by α or levy_scale; differences in α between these arms measure the cap.",
         "",
     ]
+
+
+def alpha_study(summaries: list[dict[str, Any]], max_truncated: float = 0.05) -> list[str]:
+    """The α comparison at equal scale: per noise level (levy_scale), steps to target of each α with every
+    seed, and whether an α < 2 beats α = 2 beyond the seed spread (every seed of one arm faster than every
+    seed of the other; a seed that missed the target counts as slower than any that reached it)."""
+    levels: dict[float, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for s in summaries:
+        if (
+            s["trainer"] == "levy"
+            and s.get("levy_noise_basis") == "hessian"
+            and s.get("levy_scale") is not None
+        ):
+            levels[s["levy_scale"]][s["levy_alpha"]].append(s)
+    levels = {scale: arms for scale, arms in levels.items() if len(arms) >= 2 and 2.0 in arms}
+    if not levels:
+        return []
+    lines = [
+        "## α study (same scale parameter c at every α)",
+        "",
+        "| levy_scale | α | reached target | steps to target (per seed) | mean ± sd | capped | clipped | vs α = 2 |",
+        "|---:|---:|---:|---|---:|---:|---:|---|",
+    ]
+    wins, confounded = [], []
+
+    def ranks(group: list[dict[str, Any]]) -> list[float]:
+        return [s["steps_to_target"] if s["steps_to_target"] is not None else float("inf") for s in group]
+
+    for scale, arms in sorted(levels.items()):
+        gaussian = ranks(arms[2.0])
+        for alpha, group in sorted(arms.items()):
+            steps = ranks(group)
+            if alpha == 2.0:
+                relation = "reference"
+            elif max(steps) < min(gaussian):
+                relation = "faster beyond the seed spread"
+                wins.append((scale, alpha))
+            elif min(steps) > max(gaussian):
+                relation = "slower beyond the seed spread"
+            else:
+                relation = "within the seed spread"
+            reached = [x for x in steps if x != float("inf")]
+            shares = [s.get(k) for s in group for k in ("capped_fraction", "clipped_fraction")]
+            if any(v is not None and v > max_truncated for v in shares):
+                confounded.append((scale, alpha))
+            per_seed = ", ".join("—" if x == float("inf") else f"{x:.0f}" for x in steps)
+            lines.append(
+                f"| {scale:g} | {alpha:g} | {len(reached)}/{len(group)} | {per_seed} | {_mean_std(reached)} "
+                f"| {_mean_std(_values(group, 'capped_fraction'))} | {_mean_std(_values(group, 'clipped_fraction'))} "
+                f"| {relation} |"
+            )
+    lines.append("")
+    if wins:
+        listed = ", ".join(f"α = {a:g} at levy_scale {s:g}" for s, a in wins)
+        answer = f"Yes: {listed} reached the target in fewer steps than α = 2 on every seed."
+    else:
+        answer = "No: at every noise level, every α < 2 is within the seed spread of α = 2 or slower than it."
+    lines.append(f"**Does any α < 2 beat α = 2 beyond the seed spread?** {answer}")
+    if confounded:
+        listed = ", ".join(f"α = {a:g} at levy_scale {s:g}" for s, a in confounded)
+        lines.append(
+            f"Confounded: the cap or the clip acted on more than {max_truncated:.0%} of the steps or draws in "
+            f"{listed}; raise levy_max_noise_ratio and levy_clip so that the tail, not the truncation, is measured."
+        )
+    return [*lines, ""]
 
 
 def seed_table(summaries: list[dict[str, Any]]) -> list[str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hf_levy.report import arm_table, capped_warning, verdict
+from hf_levy.report import alpha_study, arm_table, capped_warning, verdict
 
 
 def summary(arm, trainer, batch, steps_to_target, final, basis="hessian", seed=0, epochs=None, seconds=None):
@@ -62,3 +62,38 @@ def test_report_shows_the_truncation_shares_and_names_the_arms_whose_noise_the_c
     assert table[0].endswith("| capped | clipped |")
     assert table[2].endswith("| 0.6 ± 0.21 | 0.02 ± 0.014 |") and table[4].endswith("| — | — |")
     assert capped_warning(runs[2:]) == []
+
+
+def study(alpha, scale, steps, capped=0.0):
+    return [
+        {**summary(f"s{scale}_a{alpha}", "levy", 100, x, 0.9, seed=i), "levy_alpha": alpha, "levy_scale": scale,
+         "capped_fraction": capped, "clipped_fraction": 0.0}
+        for i, x in enumerate(steps)
+    ]  # fmt: skip
+
+
+def test_alpha_study_says_faster_only_when_every_seed_beats_every_gaussian_seed():
+    runs = [
+        *study(2.0, 1.0, [600, 700, 650]),
+        *study(1.5, 1.0, [500, 590, 550]),  # every seed faster than 600
+        *study(1.2, 1.0, [500, 600, 550]),  # ties with the fastest Gaussian seed: within the spread
+        *study(2.0, 0.3, [900, 950, None]),  # a seed that missed counts as slowest
+        *study(1.8, 0.3, [1000, 1100, 1200], capped=0.2),
+    ]
+    text = "\n".join(alpha_study(runs))
+    assert "| 1 | 1.5 | 3/3 | 500, 590, 550 | 547 ± 45 | 0 ± 0 | 0 ± 0 | faster beyond the seed spread |" in text
+    assert "| 1 | 1.2 | 3/3 | 500, 600, 550 | 550 ± 50 | 0 ± 0 | 0 ± 0 | within the seed spread |" in text
+    assert "| 0.3 | 2 | 2/3 | 900, 950, — |" in text
+    assert (
+        "| 0.3 | 1.8 | 3/3 | 1000, 1100, 1200 | 1.1e+03 ± 1e+02 | 0.2 ± 0 | 0 ± 0 | within the seed spread |" in text
+    )
+    assert "Yes: α = 1.5 at levy_scale 1 reached" in text
+    assert "Confounded:" in text and "α = 1.8 at levy_scale 0.3" in text
+
+
+def test_alpha_study_answers_no_and_needs_a_gaussian_reference():
+    runs = [*study(2.0, 1.0, [600, 700]), *study(1.5, 1.0, [800, 900])]
+    text = "\n".join(alpha_study(runs))
+    assert "slower beyond the seed spread" in text and "No: at every noise level" in text
+    assert "Confounded" not in text
+    assert alpha_study(study(1.5, 1.0, [1, 2]) + study(1.2, 1.0, [1, 2])) == []
