@@ -55,7 +55,8 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from hf_levy import LevyConfig, LevyTrainer  # noqa: E402
 from hf_levy.callback import LevyCallback  # noqa: E402
-from hf_levy.noise import noise_coefficients, step_generator  # noqa: E402
+from hf_levy.noise import noise_coefficients
+from hf_levy.rng import step_generator  # noqa: E402
 from hf_levy.stable import sample_symmetric_stable  # noqa: E402
 from hf_levy.tasks import build_model, modular_addition  # noqa: E402
 

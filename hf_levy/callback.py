@@ -32,22 +32,20 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
+from hf_levy import rng
 from hf_levy.calibration import fit_directional_noise, injected_scale, microbatch_projections
 from hf_levy.config import LevyArguments
 from hf_levy.hvp import DoubleBackwardError, LossFn, make_hvp
-from hf_levy.noise import isotropic_noise, step_generator, step_noise
+from hf_levy.noise import isotropic_noise, step_noise
 from hf_levy.noise_tally import NoiseTally
 from hf_levy.params import ParameterSpace, sum_over_ranks, trainable_parameters
+from hf_levy.rng import step_generator
 from hf_levy.sketch import HessianSketch, SketchSettings
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "levy_state.safetensors"
 SHARDED_STATE_FILE = "levy_state_rank{rank}.safetensors"  # FSDP: each rank keeps its piece of the vectors
-# Independent streams of the levy seed: noise draws use (seed, step), sketch batches (seed + this, step).
-_SKETCH_BATCH_STREAM = 0xBA7C
-_ISOTROPIC_STREAM = 0x150
-_CALIBRATION_STREAM = 0xCA1
 # The sketch schedule in the state file: total refresh seconds, the last refresh's seconds (NaN: none), and
 # the step a sketch_max_overhead budget deferred the next refresh to (-1: none).
 _SCHEDULE_KEYS = ("schedule_sketch_seconds_total", "schedule_refresh_seconds", "schedule_deferred_to")
@@ -373,7 +371,7 @@ class LevyCallback(TrainerCallback):
     # ------------------------------------------------------------------ stages
     def sketch_batch(self, step: int) -> dict[str, Any]:
         """This rank's share of the sketch batch of ``step``: the same global draw on every rank."""
-        generator = step_generator(self.seed + _SKETCH_BATCH_STREAM, step)
+        generator = step_generator(self.seed + rng.SKETCH_BATCH, step)
         indices = torch.randperm(len(self.dataset), generator=generator)[
             : self.levy.sketch_batch_size
         ].tolist()
@@ -438,7 +436,7 @@ class LevyCallback(TrainerCallback):
         """
         start = time.perf_counter()
         b, m = self.levy.levy_virtual_batch_size, self.levy.calibration_num_microbatches
-        generator = step_generator(self.seed + _CALIBRATION_STREAM, step)
+        generator = step_generator(self.seed + rng.CALIBRATION, step)
         indices = torch.randint(len(self.dataset), (m, b), generator=generator)
         rank, world = _rank_and_world()
         sharded = self.space.sharded
@@ -491,7 +489,7 @@ class LevyCallback(TrainerCallback):
         draw = step_noise(
             grad_norm,
             self.sketch.values_K,
-            step_generator(self.seed, step),
+            step_generator(self.seed + rng.NOISE, step),
             levy_scale=levy.levy_scale,
             scale_mode=levy.levy_scale_mode,
             alpha=levy.levy_alpha,
@@ -522,7 +520,7 @@ class LevyCallback(TrainerCallback):
         space = self.space
         # Replicated ranks draw the same coordinates; FSDP ranks each draw their own piece.
         stream = _rank_and_world()[0] + 1 if space.sharded else 0
-        generator = step_generator(self.seed + _ISOTROPIC_STREAM + stream, step)
+        generator = step_generator(self.seed + rng.ISOTROPIC + stream, step)
         xi = isotropic_noise(
             space.local_numel,
             noise_norm,

@@ -5,8 +5,7 @@
 With orthonormal columns ‖ξ‖ = ‖coef‖, so the norm cap ‖ξ‖ ≤ max_norm is applied to the K
 coefficients alone (no pass over the P entries, no communication under sharding).
 
-The draws come from a generator seeded by (seed, optimizer step): every data-parallel rank draws the
-same z, and a resumed run redraws exactly the z of the uninterrupted one without saving RNG state.
+The draws come from a generator seeded by (seed, optimizer step), see :mod:`hf_levy.rng`.
 
 Legend: P parameters (flat length, or the local shard length under FSDP), K eigenpairs.
 """
@@ -16,19 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from hf_levy.stable import sample_symmetric_stable
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """A CPU generator whose stream depends only on (seed, step), well mixed by NumPy's SeedSequence."""
-    mixed = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step) & 0xFFFFFFFF]).generate_state(
-        2, np.uint32
-    )
-    return torch.Generator().manual_seed(int(mixed[0]) << 31 ^ int(mixed[1]))
 
 
 def curvature_weights(values_K: Tensor) -> Tensor:

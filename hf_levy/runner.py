@@ -250,8 +250,8 @@ def tail_index_report(
     from hf_levy.diagnostics import format_table, plot_tail_index, tail_index_profile
     from hf_levy.hvp import make_hvp
     from hf_levy.lanczos import lanczos
-    from hf_levy.noise import step_generator
     from hf_levy.params import num_elements, trainable_parameters
+    from hf_levy.rng import step_generator
 
     task = build_task(recipe)
     if checkpoint is not None and not pathlib.Path(checkpoint).is_dir():

@@ -18,10 +18,7 @@ import torch
 from torch import Tensor
 
 from hf_levy.lanczos import Eigenpairs, lanczos
-from hf_levy.noise import step_generator
-
-# The Lanczos start vector of step s uses the stream (seed + _LANCZOS_STREAM, s), independent of the noise's.
-_LANCZOS_STREAM = 0x5EED
+from hf_levy.rng import LANCZOS_START, step_generator
 
 
 @dataclass
@@ -71,7 +68,7 @@ class HessianSketch:
                 num_iters=s.num_iters,
                 tol=s.tol,
                 init=self.vectors_PK,
-                generator=step_generator(s.seed + _LANCZOS_STREAM, step),
+                generator=step_generator(s.seed + LANCZOS_START, step),
                 dtype=s.vector_dtype,
                 device=s.basis_device or s.vector_device,
                 reduce=reduce,

@@ -11,9 +11,9 @@ from hf_levy.noise import (
     directional_noise,
     isotropic_noise,
     noise_coefficients,
-    step_generator,
 )
 from hf_levy.noise_tally import NoiseTally
+from hf_levy.rng import step_generator
 
 
 def orthonormal(P, K, seed=0):

@@ -14,7 +14,8 @@ from transformers import TrainerCallback, TrainingArguments, default_data_collat
 import hf_levy.callback
 import hf_levy.noise
 from hf_levy import LevyConfig, LevyTrainer
-from hf_levy.noise import NoiseDraw, step_generator
+from hf_levy.noise import NoiseDraw
+from hf_levy.rng import step_generator
 from hf_levy.stable import sample_symmetric_stable
 
 
