@@ -16,12 +16,12 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "$(TORCH)"
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,recipes]"
 	# torchvision, when a dependency drags a build that does not match torch, breaks `import transformers`.
 	$(BIN)/pip uninstall -y torchvision || true
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv/ and install hf_levy editable with its dev extra (torch from the TORCH variable)
+install: $(STAMP)  ## create .venv/ and install hf_levy editable with its dev and recipes extras (torch from the TORCH variable)
 
 test: $(STAMP)  ## install if needed, then run the test suite
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q

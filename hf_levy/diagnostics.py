@@ -26,7 +26,6 @@ Legend: P parameters (flat), K directions, M mini-batches per batch size, S pool
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -43,7 +42,6 @@ from hf_levy.rng import step_generator
 from hf_levy.stable import MIN_ESTIMATOR_SAMPLES, estimate_stable_scale, estimate_tail_index
 
 Row = dict[str, Any]
-PLOT_ALPHA_MAX = 3.0
 
 
 def tail_index_profile(
@@ -222,37 +220,3 @@ def format_table(rows: Sequence[Row]) -> str:
             f"[{r['scale_low']:.4g}, {r['scale_high']:.4g}] | {r['num_samples']} |"
         )
     return "\n".join(lines)
-
-
-def plot_tail_index(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
-    """Write a PNG of α̂ against batch size (log x), one line per direction, 95 % bands shaded.
-
-    Estimates above ``PLOT_ALPHA_MAX`` (light tails, or the pooled estimator on dependent
-    coordinates) are drawn at that edge. Uses matplotlib's object API (no pyplot), so no global
-    backend or figure state is touched.
-    """
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    sizes = sorted({r["batch_size"] for r in rows})
-    for name in dict.fromkeys(r["direction"] for r in rows):
-        own = sorted((r for r in rows if r["direction"] == name), key=lambda r: r["batch_size"])
-        x = [r["batch_size"] for r in own]
-        y, lo, hi = (
-            np.clip(np.array([r[k] for r in own], dtype=float), 0.0, PLOT_ALPHA_MAX)
-            for k in ("alpha", "alpha_low", "alpha_high")
-        )
-        style = {"color": "black", "linewidth": 2} if name == "pooled" else {}
-        (line,) = ax.plot(x, y, marker="o", label=name, **style)
-        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
-    ax.axhline(2.0, color="gray", linestyle=":", label="Gaussian (α = 2)")
-    ax.set_xscale("log")
-    ax.set_xticks(sizes, [str(b) for b in sizes])
-    ax.minorticks_off()
-    ax.set_ylim(0.0, PLOT_ALPHA_MAX + 0.05)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel(f"tail index α̂ (values above {PLOT_ALPHA_MAX:g} drawn at {PLOT_ALPHA_MAX:g})")
-    ax.set_title("Gradient-noise tail index (95% bootstrap intervals)")
-    ax.legend(fontsize="small", loc="lower left")
-    fig.savefig(path, dpi=120)

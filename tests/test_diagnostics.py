@@ -14,7 +14,8 @@ import scipy.stats
 import torch
 from least_squares import LeastSquares, features, optimum, orthonormal_directions
 
-from hf_levy.diagnostics import format_table, plot_tail_index, tail_index_profile
+from hf_levy.diagnostics import format_table, tail_index_profile
+from hf_levy.recipes.plots import plot_tail_index
 
 N, P, K = 2048, 4, 2
 BATCH_SIZES = [4, 16]

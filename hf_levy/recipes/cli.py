@@ -113,17 +113,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("report", "tail-index") and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # Heavy imports only once a command runs, so --help answers at once.
-    from hf_levy.recipes import RecipeError, load_recipe, parse_overrides
+    from hf_levy.recipes.recipe import RecipeError, load_recipe, parse_overrides
 
     try:
         if args.command == "report":
-            from hf_levy.report import build_report
+            from hf_levy.recipes.report import build_report
 
             print(build_report(args.run_dir))
             return 0
         recipe = load_recipe(args.config)
         if args.command == "tail-index":
-            from hf_levy.runner import tail_index_report
+            from hf_levy.recipes.runner import tail_index_report
 
             output_dir = args.output_dir or pathlib.Path("runs") / recipe.name / "tail_index"
             table, plot = tail_index_report(
@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         overrides = parse_overrides(extra)
         run_dir = pathlib.Path(args.output_dir or pathlib.Path("runs") / recipe.name)
-        from hf_levy.runner import compare, train_arm
+        from hf_levy.recipes.runner import compare, train_arm
 
         if args.command == "train":
             arm = args.arm or next(
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = train_arm(recipe, arm, run_dir, seed, overrides)
             print(f"{arm} seed {seed}: {summary}")
             return 0
-        from hf_levy.report import build_report
+        from hf_levy.recipes.report import build_report
 
         compare(
             recipe,

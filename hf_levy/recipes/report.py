@@ -1,6 +1,6 @@
 """The comparison report of a recipe run: markdown tables, PNG plots and a verdict computed from the numbers.
 
-``build_report(run_dir)`` reads what :mod:`hf_levy.runner` wrote (``recipe.yaml`` and, per arm and
+``build_report(run_dir)`` reads what :mod:`hf_levy.recipes.runner` wrote (``recipe.yaml`` and, per arm and
 seed, ``summary.json``, ``log_history.json``, ``timeline.json``) and writes ``report.md`` and
 ``plots/*.png`` into ``run_dir``. It trains nothing, so ``hf-levy report`` can rebuild it at any time.
 """
@@ -13,7 +13,8 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from hf_levy.recipes import load_recipe
+from hf_levy.recipes.plots import make_plots
+from hf_levy.recipes.recipe import load_recipe
 
 REPORT = "report.md"
 
@@ -292,97 +293,3 @@ def verdict(
         listed = ", ".join(f"{v:.4g} ({arm})" for arm, v in finals.items())
         sentences.append(f"Final {metric}: {listed}.")
     return " ".join(sentences)
-
-
-def make_plots(runs: list[dict[str, Any]], metric: str, folder: pathlib.Path) -> list[pathlib.Path]:
-    """PNG plots: metric and loss against steps and wall-clock, eigenvalues, noise ratio, α sweep."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-
-    def series(run: dict[str, Any], key: str) -> tuple[list[float], list[float]]:
-        points = [(h["step"], h[key]) for h in run["history"] if key in h and "step" in h]
-        return [p[0] for p in points], [p[1] for p in points]
-
-    def seconds_at(run: dict[str, Any], steps: list[float]) -> list[float]:
-        marks = {t["step"]: t["seconds"] for t in run["timeline"]}
-        return [marks.get(s, float("nan")) for s in steps]
-
-    def figure(name: str, title: str, xlabel: str, ylabel: str, draw) -> None:
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        if draw(ax):
-            ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            paths.append(folder / f"{name}.png")
-            fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-
-    def lines(key: str, use_seconds: bool = False):
-        def draw(ax) -> bool:
-            drawn = False
-            for run in runs:
-                x, y = series(run, key)
-                if not x:
-                    continue
-                x = seconds_at(run, x) if use_seconds else x
-                s = run["summary"]
-                ax.plot(x, y, label=f"{s['arm']} (seed {s['seed']})", lw=1.2)
-                drawn = True
-            return drawn
-
-        return draw
-
-    figure("metric_vs_step", f"{metric} against optimizer steps", "optimizer step", metric, lines(metric))
-    figure(
-        "metric_vs_seconds",
-        f"{metric} against training wall-clock (evaluations excluded)",
-        "seconds",
-        metric,
-        lines(metric, use_seconds=True),
-    )
-    figure("loss_vs_step", "training loss", "optimizer step", "loss", lines("loss"))
-    figure(
-        "loss_vs_seconds",
-        "training loss against training wall-clock (evaluations excluded)",
-        "seconds",
-        "loss",
-        lines("loss", use_seconds=True),
-    )
-    figure(
-        "top_eigenvalue",
-        "top Hessian eigenvalue of the sketch",
-        "optimizer step",
-        "λ_1",
-        lines("curvature/eigenvalue_0"),
-    )
-    figure("noise_to_grad_ratio", "‖ξ‖ / ‖g‖", "optimizer step", "ratio", lines("levy/noise_to_grad_ratio"))
-    figure(
-        "fitted_alpha",
-        "calibration: fitted α along the top eigenvector",
-        "optimizer step",
-        "α̂",
-        lines("levy/fitted_alpha_0"),
-    )
-
-    sweep = defaultdict(list)
-    for run in runs:
-        s = run["summary"]
-        if s["trainer"] == "levy" and s["levy_noise_basis"] == "hessian" and s["steps_to_target"] is not None:
-            sweep[s["levy_alpha"]].append(s["steps_to_target"])
-    if len(sweep) >= 2:
-
-        def draw_sweep(ax) -> bool:
-            alphas = sorted(sweep)
-            ax.plot(
-                alphas, [statistics.mean(sweep[a]) for a in alphas], "o-", label="LevyTrainer (Hessian noise)"
-            )
-            return True
-
-        figure("alpha_sweep", "steps to target against the tail index α", "α", "steps to target", draw_sweep)
-    return paths

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from hf_levy import tasks
-from hf_levy.recipes import Recipe, RecipeError, Target, arm_config
+from hf_levy.recipes import tasks
+from hf_levy.recipes.recipe import Recipe, RecipeError, Target, arm_config
 from hf_levy.trainer import LevyTrainer
 
 # Task builders a recipe can name (recipes are data, so the name must map to code somewhere).
@@ -247,10 +247,11 @@ def tail_index_report(
     ``tail_index.png`` into ``output_dir``; returns their paths.
     """
 
-    from hf_levy.diagnostics import format_table, plot_tail_index, tail_index_profile
+    from hf_levy.diagnostics import format_table, tail_index_profile
     from hf_levy.hvp import make_hvp
     from hf_levy.lanczos import lanczos
     from hf_levy.params import num_elements, trainable_parameters
+    from hf_levy.recipes.plots import plot_tail_index
     from hf_levy.rng import step_generator
 
     task = build_task(recipe)
