@@ -72,6 +72,17 @@ OPERATIONS: dict[str, tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Te
 }
 
 
+def class_predictions(logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The predicted class of each example of a classifier: argmax of its logits, shape (B,)."""
+    return logits.argmax(dim=-1)
+
+
+def class_accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
+    """Fraction of examples whose predicted class (from :func:`class_predictions`) equals the label."""
+    predictions = np.asarray(eval_pred.predictions).reshape(-1)
+    return {"accuracy": float((predictions == np.asarray(eval_pred.label_ids)).mean())}
+
+
 def modular_addition(modulus: int = 97, train_fraction: float = 0.3, seed: int = 0) -> Task:
     """All p² pairs of ``a + b mod p`` as ``[a, b, EQ, c]``; a seeded ``train_fraction`` of them for training.
 
@@ -196,16 +207,12 @@ def digits(num_train: int = 500, seed: int = 0) -> Task:
     def dataset(idx: torch.Tensor) -> Dataset:
         return Dataset.from_dict({"pixel_values": pixels[idx].tolist(), "labels": targets[idx].tolist()})
 
-    def accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
-        predictions = np.asarray(eval_pred.predictions).reshape(-1)
-        return {"accuracy": float((predictions == np.asarray(eval_pred.label_ids)).mean())}
-
     return Task(
         train_dataset=dataset(order[:num_train]),
         eval_dataset=dataset(order[num_train:]),
         data_collator=default_data_collator,
-        compute_metrics=accuracy,
-        preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(dim=-1),
+        compute_metrics=class_accuracy,
+        preprocess_logits_for_metrics=class_predictions,
         vocab_size=10,
         description=f"sklearn digits: {num_train} train / {len(labels) - num_train} test images, 10 classes",
     )
@@ -349,16 +356,12 @@ def sentiment_templates(
         encoded = tok([r[0] for r in rows], padding="max_length", truncation=True, max_length=max_length)
         return Dataset.from_dict({**encoded, "labels": [r[1] for r in rows]})
 
-    def accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
-        predictions = np.asarray(eval_pred.predictions).reshape(-1)
-        return {"accuracy": float((predictions == np.asarray(eval_pred.label_ids)).mean())}
-
     return Task(
         train_dataset=dataset(splits["train"]),
         eval_dataset=dataset(splits["test"]),
         data_collator=default_data_collator,
-        compute_metrics=accuracy,
-        preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(dim=-1),
+        compute_metrics=class_accuracy,
+        preprocess_logits_for_metrics=class_predictions,
         vocab_size=tok.vocab_size,
         description=f"template sentiment: {len(splits['train'])} train / {len(splits['test'])} test sentences, "
         f"{held_out_words} adjectives per class held out",
