@@ -1,11 +1,14 @@
-"""Tiny HF Llamas trained briefly on Python stdlib bytes: the shared setup of the Hessian benchmarks.
+"""Tiny HF Llamas and their data: the one source of models and tokens for the benchmarks.
 
-The setup of /work/shared/notes/hessian_measurements.md: a LlamaForCausalLM built from config (eager
-attention, seed 0), trained with AdamW on the first 90% of 2 MB of stdlib ``*.py`` bytes, and a fixed
-held-out sketch batch of 8 x 32 tokens from the last 10%. Nothing is downloaded.
+Two setups. The Hessian benchmarks (``SIZES``, :func:`trained_setup`): a LlamaForCausalLM built from config
+(eager attention, seed 0), trained with AdamW on the first 90% of 2 MB of stdlib ``*.py`` bytes, and a
+fixed held-out sketch batch of 8 x 32 tokens from the last 10%; at vocab 64 the tokens are the 63 most
+frequent bytes plus one id for all others. The Trainer benchmarks (``TOKEN_SIZES``, :func:`token_model`,
+:class:`RandomTokens`): Llamas at vocab 256 on seeded random tokens. Nothing is downloaded. Eager
+attention because PyTorch's fused SDPA kernels have no double backward on CPU.
 
-``float64_copy`` makes a copy that really is float64 (pitfall 3 of the notes): HF's LlamaRMSNorm casts to
-float32 and eager attention runs its softmax in float32, so a plain ``.double()`` model has a float32
+``float64_copy`` makes a copy that really is float64: HF's LlamaRMSNorm casts to float32 and eager
+attention runs its softmax in float32, so a plain ``.double()`` model has a float32
 Hessian (asymmetric at ~1e-7). The copy uses a dtype-preserving RMSNorm and eager attention, the same
 computation for float32 inputs; RoPE's cos/sin stay float32-accurate, but they are constants. Its loss
 must be :func:`lm_loss`, since ``model(..., labels=...).loss`` casts the logits to float32 (``lm_loss``
@@ -27,17 +30,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, repeat_kv
 
-# Columns: vocab, hidden, MLP, layers, heads, AdamW learning rate. About 7k and 1M parameters.
+# Hessian benchmarks. Columns: vocab, hidden, MLP, layers, heads, AdamW learning rate. 7,248 and 984,000 parameters.
 SIZES: dict[str, dict[str, float]] = {
     "small": dict(vocab_size=64, hidden_size=16, intermediate_size=32, layers=2, heads=2, lr=3e-3),
     "large": dict(vocab_size=256, hidden_size=192, intermediate_size=512, layers=2, heads=4, lr=1e-3),
 }
+# Trainer benchmarks on random tokens (vocab 256). Columns: hidden, MLP, layers, heads. 131,904 / 1,055,104 /
+# 4,877,568 parameters.
+TOKEN_SIZES = {"0.1M": (64, 172, 2, 4), "1M": (128, 344, 5, 4), "5M": (256, 688, 6, 8)}
+TOKEN_VOCAB = 256
 CORPUS_BYTES = 2_000_000
 SKETCH_BATCH, SKETCH_LEN = 8, 32
 TRAIN_BATCH, TRAIN_LEN = 16, 64
@@ -87,20 +94,65 @@ class Corpus:
         return torch.stack([self.train[s : s + TRAIN_LEN] for s in starts.tolist()])
 
 
-def build_model(size: str, seed: int = 0) -> LlamaForCausalLM:
-    spec = SIZES[size]
+def build_llama(
+    vocab_size: int,
+    hidden_size: int,
+    intermediate_size: int,
+    layers: int,
+    heads: int,
+    *,
+    max_positions: int = 128,
+    attn: str = "eager",
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> LlamaForCausalLM:
+    """A LlamaForCausalLM from config (as many key/value heads as heads), initialized after
+    ``torch.manual_seed(seed)`` directly on ``device`` (a CPU init of a 0.5B model takes long)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=spec["vocab_size"],
-        hidden_size=spec["hidden_size"],
-        intermediate_size=spec["intermediate_size"],
-        num_hidden_layers=spec["layers"],
-        num_attention_heads=spec["heads"],
-        num_key_value_heads=spec["heads"],
-        max_position_embeddings=128,
-        attn_implementation="eager",  # SDPA has no double backward on CPU (pitfall 2)
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        attn_implementation=attn,
     )
-    return LlamaForCausalLM(config)
+    with torch.device(device):
+        return LlamaForCausalLM(config)
+
+
+def build_model(size: str, seed: int = 0) -> LlamaForCausalLM:
+    """The Hessian benchmarks' model of ``SIZES[size]``."""
+    spec = SIZES[size]
+    return build_llama(
+        spec["vocab_size"],
+        spec["hidden_size"],
+        spec["intermediate_size"],
+        spec["layers"],
+        spec["heads"],
+        seed=seed,
+    )
+
+
+def token_model(size: str, seq_len: int) -> LlamaForCausalLM:
+    """The Trainer benchmarks' model of ``TOKEN_SIZES[size]`` (seed 0)."""
+    hidden, mlp, layers, heads = TOKEN_SIZES[size]
+    return build_llama(TOKEN_VOCAB, hidden, mlp, layers, heads, max_positions=seq_len)
+
+
+class RandomTokens(Dataset):
+    """``n`` fixed sequences of seeded random token ids; labels = inputs (map-style, as the sketch needs)."""
+
+    def __init__(self, n: int, seq_len: int, vocab_size: int = TOKEN_VOCAB, seed: int = 0):
+        self.ids = torch.randint(0, vocab_size, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -187,6 +239,8 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> d
 
 def top_eigenpairs_float64(matvec64: Callable[[Tensor], Tensor], dim: int, k: int) -> tuple[Tensor, Tensor]:
     """Ground truth: ARPACK ``eigsh(which='LA', tol=1e-10)`` on a float64 product; (values_K desc, vectors_PK)."""
+    from scipy.sparse.linalg import LinearOperator, eigsh  # here: the scripts without ARPACK need no scipy
+
     op = LinearOperator(
         (dim, dim),
         matvec=lambda x: matvec64(torch.from_numpy(np.ascontiguousarray(x).reshape(-1))).numpy(),

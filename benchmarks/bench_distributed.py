@@ -102,25 +102,11 @@ class PeakRss:
         return self.peak
 
 
-def sketch_batch(n: int, seq_len: int) -> torch.Tensor:
-    return torch.randint(0, 256, (n, seq_len), generator=torch.Generator().manual_seed(1))
-
-
 def ddp_worker(cli, counter: CommCounter) -> dict:
-    from bench_trainer_step import build_model
-    from torch.utils.data import Dataset
+    from _tiny_llama import RandomTokens, token_model
     from transformers import PrinterCallback, default_data_collator
 
     from hf_levy import LevyConfig, LevyTrainer
-
-    ids = sketch_batch(256, cli.seq_len)
-
-    class Tokens(Dataset):
-        def __len__(self):
-            return len(ids)
-
-        def __getitem__(self, i):
-            return {"input_ids": ids[i], "labels": ids[i]}
 
     args = LevyConfig(
         output_dir=tempfile.mkdtemp(prefix="bench_dist_"),
@@ -141,9 +127,9 @@ def ddp_worker(cli, counter: CommCounter) -> dict:
         sketch_every_n_steps=50,
     )
     trainer = LevyTrainer(
-        model=build_model("1M", cli.seq_len),
+        model=token_model("1M", cli.seq_len),
         args=args,
-        train_dataset=Tokens(),
+        train_dataset=RandomTokens(256, cli.seq_len, seed=1),
         data_collator=default_data_collator,
     )
     trainer.remove_callback(PrinterCallback)
@@ -151,9 +137,9 @@ def ddp_worker(cli, counter: CommCounter) -> dict:
     out: dict = {"products": 0}
     matvec, on_step_begin = cb._matvec, cb.on_step_begin
 
-    def counted_matvec(batch, share, method):
+    def counted_matvec(*args):
         counter.phase = "setup"
-        hvp = matvec(batch, share, method)
+        hvp = matvec(*args)
 
         def product(v):
             counter.phase = "product"
@@ -180,18 +166,18 @@ def ddp_worker(cli, counter: CommCounter) -> dict:
 
     cb._matvec, cb.on_step_begin = counted_matvec, timed_step_begin
     trainer.train()
-    sketch = cb.sketch
+    sketch, dim = cb.run.sketch, cb.run.space.dim
     out.update(
-        P=cb.space.dim,
+        P=dim,
         vectors=sketch.vectors_PK.nbytes,
-        basis=out["products"] * cb.space.dim * sketch.vectors_PK.element_size(),
+        basis=out["products"] * dim * sketch.vectors_PK.element_size(),
         world=dist.get_world_size(),
     )
     return out
 
 
 def fsdp_worker(cli, counter: CommCounter) -> dict:
-    from bench_trainer_step import build_model
+    from _tiny_llama import RandomTokens, token_model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -200,7 +186,7 @@ def fsdp_worker(cli, counter: CommCounter) -> dict:
     from hf_levy.sketch import HessianSketch, SketchSettings
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = build_model("1M", cli.seq_len)
+    model = token_model("1M", cli.seq_len)
     p_global = sum(p.numel() for p in model.parameters())
     # The root group (embeddings, final norm, LM head) stays gathered between forward and backward.
     p_root = p_global - sum(p.numel() for p in model.model.layers.parameters())
@@ -208,7 +194,7 @@ def fsdp_worker(cli, counter: CommCounter) -> dict:
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    ids = sketch_batch(cli.sketch_batch, cli.seq_len)[rank::world]
+    ids = RandomTokens(cli.sketch_batch, cli.seq_len, seed=1).ids[rank::world]
     batch = {"input_ids": ids, "labels": ids}
     space = ParameterSpace(trainable_parameters(model))
     settings = SketchSettings(

@@ -35,14 +35,15 @@ Methods, all at tol = `--tol` (1e-3) on the same float32 model and batch:
     the same Hessian restarted from its own converged vectors, the best a warm start can do).
 Ground truth: ARPACK `eigsh(k=max K + 4, which='LA', tol=1e-10)` on the exact float64 product of a copy of the
 model that is float64 throughout (`_tiny_llama.float64_copy`: HF keeps RMSNorm and softmax in float32).
-The setup (models, data, training, sketch batch) is that of /work/shared/notes/hessian_measurements.md.
+The setup (models, data, training, sketch batch) is `_tiny_llama.trained_setup` (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import os
 
-# Before torch and numpy start their thread pools: extra threads on shared cores cost 20-180x (notes, pitfall 5).
+# Before torch and numpy start their thread pools: on cores shared with other jobs, more threads made training
+# ~20x and a small product ~180x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
@@ -131,7 +132,7 @@ class ShiftedLogits(nn.Module):
 
 
 def run_pyhessian(model, batch, k: int, tol: float) -> Result:
-    # The attribute pyhessian.hessian is the class; the module holds the product it calls (notes, pitfall 6).
+    # The attribute pyhessian.hessian is the class; the module holds the product it calls.
     module = importlib.import_module("pyhessian.hessian")
     original, calls = module.hessian_vector_product, 0
 

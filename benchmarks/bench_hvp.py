@@ -14,14 +14,15 @@ Outcome:  two markdown tables.
      rounded weights, so the error is the product's alone).
 The float64 truth runs on a copy with dtype-preserving RMSNorm and softmax (`_tiny_llama.float64_copy`;
 a plain `.double()` Llama keeps them in float32) and the explicit loss `_tiny_llama.lm_loss`.
-The setup (models, data, training) is that of /work/shared/notes/hessian_measurements.md.
+The setup (models, data, training) is `_tiny_llama.trained_setup` (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import os
 
-# Before torch and numpy start their thread pools: extra threads on shared cores cost 20-180x (notes, pitfall 5).
+# Before torch and numpy start their thread pools: on cores shared with other jobs, more threads made training
+# ~20x and a small product ~180x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse

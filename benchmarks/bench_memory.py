@@ -85,7 +85,8 @@ def saved_tensor_bytes(fn, exclude: list[torch.Tensor]) -> int:
 def child(spec: dict) -> dict:
     """One arm in this process; returns its measurements."""
     import transformers
-    from bench_trainer_step import RandomTokens, build_model, common_args
+    from _tiny_llama import RandomTokens, token_model
+    from bench_trainer_step import common_args
     from transformers import (
         PrinterCallback,
         Trainer,
@@ -96,11 +97,12 @@ def child(spec: dict) -> dict:
 
     import hf_levy.sketch
     from hf_levy import LevyConfig, LevyTrainer, make_hvp, trainable_parameters
+    from hf_levy.sketch_hvp import sketch_batch
 
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
     baseline = rss_bytes()
-    model = build_model(spec["size"], spec["seq_len"])
+    model = token_model(spec["size"], spec["seq_len"])
     params = trainable_parameters(model)
     p = sum(q.numel() for q in params)
     data = RandomTokens(256, spec["seq_len"])
@@ -169,9 +171,10 @@ def child(spec: dict) -> dict:
     }
     sampler.stop = True
     if spec["arm"] != "Trainer":
-        sketch = trainer.levy_callback.sketch
+        run = trainer.levy_callback.run
+        sketch = run.sketch
         result.update(vectors=sketch.vectors_PK.nbytes, vectors_dtype=str(sketch.vectors_PK.dtype), **basis)
-        batch = trainer.levy_callback.sketch_batch(0)
+        batch = sketch_batch(run.dataset, run.collate_fn, spec["sketch_batch"], run.seed, 0)
         result["product_graph"] = saved_tensor_bytes(lambda: make_hvp(model, batch, params), params)
     train_batch = default_data_collator([data[i] for i in range(spec["batch"])])
     result["train_graph"] = saved_tensor_bytes(lambda: model(**train_batch).loss, params)

@@ -50,10 +50,8 @@ import types
 
 import torch
 import transformers
-from torch.utils.data import Dataset
+from _tiny_llama import TOKEN_SIZES, RandomTokens, token_model
 from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
     PrinterCallback,
     Trainer,
     TrainerCallback,
@@ -61,44 +59,12 @@ from transformers import (
     default_data_collator,
 )
 
-import hf_levy.callback
+import hf_levy.schedule
 from hf_levy import LevyConfig, LevyTrainer
 from hf_levy.config import LevyArguments
 
-# hidden, MLP, layers, heads (vocab 256): 131,904 / 1,055,104 / 4,877,568 parameters.
-SIZES = {"0.1M": (64, 172, 2, 4), "1M": (128, 344, 5, 4), "5M": (256, 688, 6, 8)}
-VOCAB = 256
 CONTROL = "K=max, noise off (levy_scale=0)"
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(LevyArguments)}
-
-
-def build_model(size: str, seq_len: int) -> LlamaForCausalLM:
-    hidden, mlp, layers, heads = SIZES[size]
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=mlp,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=seq_len,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(config)
-
-
-class RandomTokens(Dataset):
-    """``n`` fixed sequences of random token ids; labels = inputs (map-style, as the sketch needs)."""
-
-    def __init__(self, n: int, seq_len: int, seed: int = 0):
-        self.ids = torch.randint(0, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 class RoundRobin:
@@ -159,9 +125,9 @@ def instrument(trainer: LevyTrainer) -> dict[str, list[float]]:
         add_noise(step)
         stats["noise"].append(time.perf_counter() - start)
 
-    def timed_matvec(batch, share, method):
+    def timed_matvec(*args):
         start = time.perf_counter()
-        hvp = matvec(batch, share, method)
+        hvp = matvec(*args)
         stats["build"].append(time.perf_counter() - start)
 
         def product(v):
@@ -223,7 +189,7 @@ def common_args(out: str, steps: int, batch: int, grad_accum: int = 1) -> dict:
 
 
 def make_arms(size, seq_len, batch, steps, levy_fields: dict[str, dict], grad_accum=1) -> dict[str, Trainer]:
-    model = build_model(size, seq_len)
+    model = token_model(size, seq_len)
     data = RandomTokens(max(4 * batch * grad_accum, 256), seq_len)
     tmp = tempfile.mkdtemp(prefix="bench_step_")
     arms: dict[str, Trainer] = {
@@ -351,11 +317,11 @@ def budget_part(size, seq_len, batch, steps, budget) -> list[str]:
     def own_time() -> float:  # LevyTrainer's wall clock without the other arms' turns
         return time.perf_counter() - rr_holder[0].waited["LevyTrainer"]
 
-    hf_levy.callback.time = types.SimpleNamespace(perf_counter=own_time)
+    hf_levy.schedule.time = types.SimpleNamespace(perf_counter=own_time)
     try:
         times = run_round_robin(arms, rr_holder)
-    finally:  # later parts of the same run time LevyCallback with the real clock
-        hf_levy.callback.time = time
+    finally:  # later parts of the same run time the refresh schedule with the real clock
+        hf_levy.schedule.time = time
     history = arms["LevyTrainer"].state.log_history
     refreshes = [h["step"] - 1 for h in history if "curvature/eigenvalue_0" in h]  # logged one step later
     total = history[-1].get("curvature/sketch_seconds_total", float("nan"))
@@ -398,7 +364,7 @@ def profile_part(size, seq_len, batch, k, top) -> list[str]:
         ("sketch refresh", lambda: cb.refresh_sketch(1), 1),
         ("add_noise", lambda: cb.add_noise(1), 20),
     ):
-        for p in cb.params:  # add_noise needs gradients
+        for p in cb.run.params:  # add_noise needs gradients
             p.grad = torch.randn_like(p)
         prof = cProfile.Profile()
         prof.enable()
@@ -437,7 +403,7 @@ def chvp_part(sizes, seq_len, batch, repeats) -> list[str]:
 def _product_and_gradient(size, seq_len, batch, repeats) -> tuple[int, dict[str, float]]:
     from hf_levy import make_hvp, trainable_parameters
 
-    model = build_model(size, seq_len).eval()
+    model = token_model(size, seq_len).eval()
     params = trainable_parameters(model)
     ids = RandomTokens(batch, seq_len).ids
     inputs = {"input_ids": ids, "labels": ids}
@@ -468,7 +434,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", default="0.1M,1M,5M", help=f"comma list of {list(SIZES)}")
+    parser.add_argument("--sizes", default="0.1M,1M,5M", help=f"comma list of {list(TOKEN_SIZES)}")
     parser.add_argument(
         "--part", default="noise,amortized", help="comma list of noise, amortized, chvp, profile, budget"
     )

@@ -20,26 +20,14 @@ import sys
 import time
 
 import torch
-from torch.utils.data import Dataset
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import transformers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, default_data_collator  # noqa: E402
+from _tiny_llama import RandomTokens, build_llama  # noqa: E402
+from transformers import LlamaForCausalLM, Trainer, TrainerCallback, default_data_collator  # noqa: E402
 
 import hf_levy  # noqa: E402
 from hf_levy import LevyConfig, LevyTrainer, lanczos, make_hvp, sample_symmetric_stable, trainable_parameters  # noqa: E402
-
-
-class RandomTokens(Dataset):
-    def __init__(self, n: int, seq: int, vocab: int):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
-
-    def __len__(self):
-        return self.ids.shape[0]
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 class StepTimer(TrainerCallback):
@@ -61,19 +49,16 @@ def _sync():
 
 
 def build_model(cli, attn: str) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=cli.vocab,
-        hidden_size=cli.hidden,
-        intermediate_size=cli.intermediate,
-        num_hidden_layers=cli.layers,
-        num_attention_heads=cli.heads,
-        num_key_value_heads=cli.heads,
-        max_position_embeddings=cli.seq,
-        attn_implementation=attn,
+    return build_llama(
+        cli.vocab,
+        cli.hidden,
+        cli.intermediate,
+        cli.layers,
+        cli.heads,
+        max_positions=cli.seq,
+        attn=attn,
+        device=cli.device,
     )
-    with torch.device(cli.device):  # initialize on the device: a CPU init of 0.5B weights takes long
-        return LlamaForCausalLM(config)
 
 
 def train_steps(cli, trainer_class, data, **levy) -> tuple[list[float], dict]:
@@ -110,7 +95,7 @@ def one_sketch(
     """One lanczos run as LevyTrainer's refresh does it; ``basis_device="cpu"`` is ``sketch_offload="basis"``."""
     model = build_model(cli, attn)
     params = trainable_parameters(model)
-    ids = torch.randint(0, cli.vocab, (cli.sketch_batch, cli.seq), generator=torch.Generator().manual_seed(1))
+    ids = RandomTokens(cli.sketch_batch, cli.seq, vocab_size=cli.vocab, seed=1).ids
     batch = {"input_ids": ids, "labels": ids}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -201,7 +186,7 @@ def noise_only(cli) -> dict:
 def run_section(cli, name: str) -> object:
     """One section's measurements (each section runs in its own process; see main)."""
     if name == "throughput":
-        data = RandomTokens(cli.batch * (cli.steps + 2), cli.seq, cli.vocab)
+        data = RandomTokens(cli.batch * (cli.steps + 2), cli.seq, vocab_size=cli.vocab)
         stock, _ = train_steps(cli, Trainer, data)
         levy = noise_only(cli)
         noise, info = train_steps(cli, LevyTrainer, data, **levy)
@@ -225,7 +210,7 @@ def run_section(cli, name: str) -> object:
         # The noise costs the same per optimizer step whatever the batch: its share falls as tokens per step grow.
         steps = max(cli.steps // 2, 4)
         cli.steps = steps
-        data = RandomTokens(cli.batch * ACCUMULATION * (steps + 2), cli.seq, cli.vocab)
+        data = RandomTokens(cli.batch * ACCUMULATION * (steps + 2), cli.seq, vocab_size=cli.vocab)
         stock, _ = train_steps(cli, Trainer, data, gradient_accumulation_steps=ACCUMULATION)
         levy = noise_only(cli)
         noise, _ = train_steps(cli, LevyTrainer, data, gradient_accumulation_steps=ACCUMULATION, **levy)
@@ -278,10 +263,8 @@ def main() -> None:
     import subprocess
 
     t0 = time.perf_counter()
-    config = LlamaConfig(vocab_size=cli.vocab, hidden_size=cli.hidden, intermediate_size=cli.intermediate,
-                         num_hidden_layers=cli.layers, num_attention_heads=cli.heads, num_key_value_heads=cli.heads)  # fmt: skip
-    with torch.device("meta"):
-        parameters = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    shape = build_llama(cli.vocab, cli.hidden, cli.intermediate, cli.layers, cli.heads, device="meta")
+    parameters = sum(p.numel() for p in shape.parameters())
     report = {
         "device": torch.cuda.get_device_name(0) if cli.device == "cuda" else platform.processor() or "cpu",
         "versions": {

@@ -3,15 +3,16 @@
 H = ∇²_θ L(θ; batch) over the parameters θ = ``params`` (flattened in the order given, length P).
 
 * ``autograd``: exact, Pearlmutter's double backward: g = ∇L built once with ``create_graph=True``,
-  then H v = ∇(gᵀv), reusing the first-order graph for every product (1.2–1.8 gradients per
-  product on the tiny Llamas of ``shared/notes``; rebuilding it each time costs 2.3–3.0).
+  then H v = ∇(gᵀv), reusing the first-order graph for every product: a product then costs one
+  backward through it instead of a forward and two backwards (docs/benchmarks.md gives the costs).
 * ``finite_difference``: H v ≈ (∇L(θ + εv) − ∇L(θ − εv)) / 2ε, two ordinary gradients, so it works
   wherever forward/backward works (fused attention kernels, FSDP). Truncation error O(ε²‖∇³L‖),
   rounding error O(u‖∇L‖/ε) with u the unit roundoff; the default step balances the two (see
   :func:`finite_difference_step`).
 
 Both leave the model as they found it: its train/eval mode (of every submodule), ``.grad``, parameter
-values (bit for bit) and the global RNG. Dropout is off during the products (eval mode).
+values (bit for bit) and the global RNG. Dropout is off during the products (eval mode). The flat
+gradient ∇L itself, with the loss taken and the model left in the same way, is :func:`loss_gradient`.
 """
 
 from __future__ import annotations
@@ -82,17 +83,39 @@ def make_hvp(
     params = checked_trainable(params)
     if fd_step is not None and not fd_step > 0:
         raise ValueError(f"fd_step must be > 0, got {fd_step}")
-    device = local_view(params[0]).device
-    batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-    closure = _LossClosure(model, batch, loss_fn, device)
+    closure = _LossClosure(model, batch, params, loss_fn)
     if method == "finite_difference":
-        return _on_device(_finite_difference_hvp(closure, params, fd_step), device)
+        return _on_device(_finite_difference_hvp(closure, params, fd_step), closure.device)
     if any(is_sharded(p) for p in params):
         raise DoubleBackwardError(
             "double backward is not available on FSDP-sharded (DTensor) parameters: the forward uses "
             "all-gathered copies, so the shards are not in the graph. Use method='finite_difference'."
         )
-    return _on_device(_autograd_hvp(closure, params, reuse_graph), device)
+    return _on_device(_autograd_hvp(closure, params, reuse_graph), closure.device)
+
+
+def loss_gradient(
+    model: nn.Module, batch: Mapping[str, Any], params: Sequence[Tensor], *, loss_fn: LossFn | None = None
+) -> Tensor:
+    """The flat (P,) gradient ∇L of the loss on ``batch`` w.r.t. ``params`` (dtype of the parameters).
+
+    The loss is taken as in :func:`make_hvp` (``model(**batch).loss`` unless ``loss_fn(model, batch)``, in
+    eval mode), with ``torch.autograd.grad``, so ``.grad``, the modes of all submodules and the global RNG
+    are as before. Parameters the loss does not reach get zeros. FSDP2-sharded parameters: every rank calls
+    this on its share of the batch and gets its piece (local shards) of the gradient of the mean loss over
+    the ranks (a ``backward``, since FSDP reduces only there; ``.grad`` is restored).
+
+    Raises:
+        ValueError: empty ``params``, a parameter without ``requires_grad``, or no ``.loss``.
+    """
+    params = checked_trainable(params)
+    closure = _LossClosure(model, batch, params, loss_fn)
+    if any(is_sharded(p) for p in params):
+        with closure.frozen_state(), torch.enable_grad():
+            return _sharded_gradient(closure, params)
+    with closure.frozen_state(), torch.enable_grad():
+        grads = torch.autograd.grad(closure(), params, allow_unused=True)
+    return flatten([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)])
 
 
 def _on_device(hvp: Callable[[Tensor], Tensor], device: torch.device) -> Callable[[Tensor], Tensor]:
@@ -129,11 +152,16 @@ def finite_difference_step(params: Sequence[Tensor], dtype: torch.dtype | None =
 
 
 class _LossClosure:
-    """loss() on the fixed batch, with dropout off and the model's modes and the global RNG restored."""
+    """loss() on the fixed batch (moved to the parameters' device), with dropout off and the model's modes
+    and the global RNG restored."""
 
-    def __init__(self, model: nn.Module, batch: dict[str, Any], loss_fn: LossFn | None, device: torch.device):
-        self.model, self.batch, self.loss_fn = model, batch, loss_fn
-        self.rng_devices = [device.index or 0] if device.type == "cuda" else []
+    def __init__(
+        self, model: nn.Module, batch: Mapping[str, Any], params: list[Tensor], loss_fn: LossFn | None
+    ):
+        self.device = local_view(params[0]).device
+        self.model, self.loss_fn = model, loss_fn
+        self.batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        self.rng_devices = [self.device.index or 0] if self.device.type == "cuda" else []
 
     @contextlib.contextmanager
     def frozen_state(self) -> Iterator[None]:

@@ -19,12 +19,12 @@ import torch
 from torch import Tensor
 
 ACCELERATOR_BLOCK_ROWS = 8
-# Float64 accumulation casts this many basis entries at a time: the scratch stays in cache (measured at
-# P = 1M, 60 rows, one thread: 2-4x a float32 gemv, against 35x for casting the whole basis at once).
+# Float64 accumulation casts this many basis entries at a time, so the scratch stays in cache: casting the
+# whole basis at once is an order of magnitude slower (docs/benchmarks.md, "Constants").
 _CHUNK_NUMEL = 1 << 19
-# On an accelerator, chunks this large keep kernel launches few (a 0.57B-parameter sketch on an H200 spent
-# most of its time launching 2^19-entry chunks) while the float64 scratch stays at 1 GB; every chunked
-# operand also stays far below 2^31 elements, where large matrix products fell back to full copies.
+# On an accelerator, chunks this large keep kernel launches few (at billions of parameters, launching small
+# chunks would dominate) while the float64 scratch stays at 1 GB; every chunked operand also stays far below
+# 2^31 elements, where large matrix products fall back to full copies.
 _CHUNK_NUMEL_ACCELERATOR = 1 << 27
 
 
@@ -36,8 +36,8 @@ def _columns_per_chunk(rows: int, device: torch.device) -> int:
 def local_inner(a_XP: Tensor, b_YP: Tensor) -> Tensor:
     """a_XP @ b_YP.T accumulated in float64, shape (X, Y).
 
-    At P = 2^20 float32 sums put 4e-5 errors into Ritz values and 7e-5 into the orthogonality of the basis, even
-    with diag and norms in float64 (reorthogonalization coefficients in float32); float64 throughout: 3e-8.
+    Float64 because float32 sums over ~1M entries put errors of order 1e-5 into the Ritz values and the basis's
+    orthogonality, even with diag and norms in float64 (docs/benchmarks.md, "Constants").
     """
     if a_XP.dtype == torch.float64:
         return a_XP @ b_YP.T

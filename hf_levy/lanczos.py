@@ -17,13 +17,9 @@ from hf_levy.krylov_basis import KrylovBasis, local_inner
 
 __all__ = ["Eigenpairs", "lanczos"]
 
-# Block warm start: unit combination of the block's columns + this weight x a unit random vector.
-# Measured (diagonal spectra, dim 1e5, K = 8, tol 1e-3, 3 seeds; weights 0 / 0.003 / 0.01 / 0.03 / 0.1; cold
-# starts took 40 and 49 products): from eigenvectors perturbed by 10%, 26 products at every weight (35-36 on the
-# close spectrum); by 1%, 23-26 (32-35). From a block spanning eigenvectors 2..K+1 up to 1e-6 (the top one
-# missing and no breakdown to reveal it), weight 0 returned wrong values for 3 of 3 seeds and 0.003 for 1 of 3
-# (at 1e-3); 0.01 and up found the top one every time, for 37-39 products. 0.03 is 3x the smallest safe
-# weight for at most one more product.
+# Block warm start: unit combination of the block's columns + this weight x a unit random vector. The random
+# part finds a top eigenvector the block lacks, which no breakdown would reveal: 0.03 is 3x the smallest weight
+# that always found it, for at most one more product (docs/benchmarks.md, "Constants").
 _WARM_START_RANDOM_WEIGHT = 0.03
 # Offdiag below eps(dtype)**this x the running ||H|| estimate is rounding error (float32: 2.4e-5, above the
 # ~1e-6 noise of CGS2 and of float32 HVPs; float64: 3.7e-11): the Krylov space is invariant.

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 EULER_GAMMA = 0.5772156649015329
+# Log-moment α̂ of samples whose log|X| spreads no more than a Gaussian's (no finite α fits them).
+MAX_LOG_MOMENT_ALPHA = 1e6
 # Below this the block-sum estimator has ~10 blocks of ~10 samples: too noisy to mean anything.
 MIN_ESTIMATOR_SAMPLES = 100
 
@@ -160,6 +162,38 @@ def _log_abs(x: torch.Tensor) -> torch.Tensor:
     return torch.log(x.abs().clamp_min(torch.finfo(torch.float64).tiny))  # exact zeros would give -inf
 
 
+def alpha_from_log_moments(var_log_abs: torch.Tensor) -> torch.Tensor:
+    """α from the variance of log|X| for X SαS(α, sigma), elementwise: α = (6·Var/π² − 1/2)^{-1/2}.
+
+    Ma & Nikias (1995, IEEE TSP 43(12)); Kuruoglu (2001, IEEE TSP 49(10)): Var(log|X|) =
+    (π²/6)·(1/α² + 1/2) whatever sigma. Where the bracket is <= 0 (log|X| spreads no more than a
+    Gaussian's) the result is ``inf``; nothing is clipped.
+
+    Args:
+        var_log_abs: Var(log|X|), a float64 tensor of any shape (e.g. (K,), one per direction).
+
+    Returns:
+        α̂, float64, of the same shape.
+    """
+    bracket = 6 * var_log_abs / math.pi**2 - 0.5
+    return torch.where(bracket > 0, bracket.clamp_min(1e-300).rsqrt(), math.inf)
+
+
+def scale_from_log_moments(mean_log_abs: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    """sigma from the mean of log|X| for X SαS(α, sigma), elementwise: exp(E[log|X|] − γ·(1/α − 1)).
+
+    Ma & Nikias (1995); Kuruoglu (2001): E[log|X|] = γ·(1/α − 1) + log sigma, γ Euler's constant.
+
+    Args:
+        mean_log_abs: E[log|X|], a float64 tensor of any shape.
+        alpha: α in (0, 2], a float or a tensor broadcastable with ``mean_log_abs``.
+
+    Returns:
+        sigmâ, float64, of the broadcast shape.
+    """
+    return torch.exp(mean_log_abs - EULER_GAMMA * (1 / alpha - 1))
+
+
 def estimate_tail_index(samples: torch.Tensor | np.ndarray | Sequence[float]) -> float:
     """Estimate alpha from i.i.d. centred symmetric samples by the block-sum estimator.
 
@@ -192,8 +226,8 @@ def estimate_tail_index(samples: torch.Tensor | np.ndarray | Sequence[float]) ->
 def estimate_tail_index_log_moments(samples: torch.Tensor | np.ndarray | Sequence[float]) -> float:
     """Estimate alpha from the variance of log|X| (Ma & Nikias 1995; Kuruoglu 2001).
 
-    For SαS, Var(log|X|) = (π²/6)·(1/α² + 1/2), so α̂ = (6·Var/π² − 1/2)^{-1/2}. The bracket is floored
-    at 1e-12, so samples whose log|X| spread less than a Gaussian's give large values (not clipped).
+    α̂ = :func:`alpha_from_log_moments` of the sample variance of log|X|, capped at
+    ``MAX_LOG_MOMENT_ALPHA`` (1e6): samples whose log|X| spreads no more than a Gaussian's get the cap.
     Independent of ``estimate_tail_index``: it uses the spread, not the growth of block sums.
 
     Args:
@@ -205,8 +239,8 @@ def estimate_tail_index_log_moments(samples: torch.Tensor | np.ndarray | Sequenc
     Raises:
         ValueError: n < 100 or non-finite samples.
     """
-    var = _log_abs(_flat_float64(samples, "estimate_tail_index_log_moments")).var().item()
-    return max(6 * var / math.pi**2 - 0.5, 1e-12) ** -0.5
+    var = _log_abs(_flat_float64(samples, "estimate_tail_index_log_moments")).var()
+    return min(alpha_from_log_moments(var).item(), MAX_LOG_MOMENT_ALPHA)
 
 
 def estimate_stable_scale(
@@ -214,8 +248,7 @@ def estimate_stable_scale(
 ) -> float:
     """Estimate the SαS scale sigma (E[exp(itX)] = exp(-|sigma·t|^alpha)) by log moments.
 
-    Ma & Nikias (1995, IEEE TSP 43(12)); Kuruoglu (2001, IEEE TSP 49(10)): E[log|X|] =
-    C_e·(1/α − 1) + log sigma with C_e Euler's constant, so sigmâ = exp(mean log|X| − C_e·(1/α − 1)).
+    sigmâ = :func:`scale_from_log_moments` of the sample mean of log|X|.
 
     Args:
         samples: any tensor or array-like of n >= 100 i.i.d. centred symmetric values, flattened.
@@ -232,4 +265,4 @@ def estimate_stable_scale(
     if alpha is None:
         alpha = min(max(estimate_tail_index(x), 0.1), 2.0)
     _check("alpha", alpha, _alpha_ok, "in (0, 2]")
-    return math.exp(_log_abs(x).mean().item() - EULER_GAMMA * (1 / alpha - 1))
+    return scale_from_log_moments(_log_abs(x).mean(), alpha).item()

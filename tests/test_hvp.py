@@ -1,4 +1,5 @@
-"""make_hvp against a dense Hessian computed a second way (torch.func reverse-over-reverse)."""
+"""make_hvp against a dense Hessian computed a second way (torch.func reverse-over-reverse), and
+loss_gradient against torch.func.grad."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import pytest
 import torch
 from conftest import tiny_llama
 from torch import nn
-from torch.func import functional_call, hessian, jacrev
+from torch.func import functional_call, grad, hessian, jacrev
 
 from hf_levy import DoubleBackwardError, make_hvp, trainable_parameters
+from hf_levy.hvp import loss_gradient
 
 
 class TinyMLP(nn.Module):
@@ -99,6 +101,48 @@ def test_loss_fn_replaces_model_loss():
     hvp = make_hvp(model, batch, params, loss_fn=lambda m, b: 3.0 * m(**b)["loss"])
     v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(hvp(v), 3.0 * (H @ v), rtol=1e-10, atol=1e-12)
+
+
+def test_loss_gradient_matches_torch_func_grad_in_eval_mode():
+    model, batch, params = mlp_problem()
+    names = [n for n, _ in model.named_parameters()]
+
+    def loss(flat_P):
+        chunks = torch.split(flat_P, [p.numel() for p in params])
+        weights = {n: c.view(p.shape) for n, c, p in zip(names, chunks, params, strict=True)}
+        return functional_call(model, weights, kwargs=batch)["loss"]
+
+    expected = grad(loss)(torch.cat([p.detach().reshape(-1) for p in model.eval().parameters()]))
+    model.train()  # dropout would change the loss: the gradient is taken in eval mode
+    torch.testing.assert_close(loss_gradient(model, batch, params), expected, rtol=1e-12, atol=1e-14)
+    assert model.training
+
+
+def test_loss_gradient_gives_zeros_for_parameters_the_loss_does_not_reach():
+    model, batch, params = mlp_problem()
+    unused = nn.Parameter(torch.ones(4, dtype=torch.float64))
+    g = loss_gradient(model, batch, [*params, unused])
+    assert torch.equal(g[-4:], torch.zeros(4, dtype=torch.float64))
+    torch.testing.assert_close(g[:-4], loss_gradient(model, batch, params), rtol=0, atol=0)
+
+
+def test_loss_gradient_leaves_grad_modes_and_global_rng_untouched():
+    model, batch, params = mlp_problem()
+    model.train()
+    for p in params:
+        p.grad = torch.full_like(p, 0.25)
+    torch.manual_seed(5)
+    rng_before = torch.get_rng_state()
+    loss_gradient(model, batch, params)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert all(m.training for m in model.modules())
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.25)) for p in params)
+
+
+def test_loss_fn_replaces_model_loss_in_the_gradient():
+    model, batch, params = mlp_problem()
+    g = loss_gradient(model, batch, params, loss_fn=lambda m, b: 3.0 * m(**b)["loss"])
+    torch.testing.assert_close(g, 3.0 * loss_gradient(model, batch, params), rtol=1e-12, atol=0)
 
 
 def test_hvp_over_a_parameter_subset_is_the_hessian_block():
