@@ -9,19 +9,13 @@ on top of it is c_inj = c_b·(1 − (b/B)^{α−1})^{1/α} (:func:`injected_scal
 
 Estimator (:func:`fit_directional_noise`): log moments (Ma & Nikias 1995; Kuruoglu 2001) of the
 M(M−1)/2 pairwise differences D = X_i − X_j. D is SαS(α, 2^{1/α}c) whatever the location, so no
-reference gradient is needed: Var log|D| = (π²/6)(1/α² + 1/2) and E log|D| = γ(1/α − 1) + log(2^{1/α}c),
-γ Euler's constant. The pairs form a U-statistic, which averages out much of the sampling noise of
-log|X|; in every cell measured it beat the block-sum estimator (Mohammadi et al. 2015, which at
-M ≤ 512 has only √M blocks) and log moments of the centred samples even with the centre known exactly.
-Centring at the column mean biases α̂ up for heavy tails (+0.16 to +0.30 at α = 1.2: the mean of M
-draws carries noise of scale c·M^{1/α−1}, about c/2 at M = 64, shared by every sample); centring at
-the median leaves near-zero residuals that bias it down near α = 2 (−0.17 to −0.36). Bias/RMSE of
-the clipped α̂ over 2000 seeded SαS samples (``benchmarks/bench_tail_estimators.py``), M = 64/128/256/512:
-    α=1.2: +0.07/0.23  +0.03/0.16  +0.02/0.11  +0.01/0.08  (block-sum RMSE, centre known: 0.34 0.26 0.19 0.14)
-    α=1.5: +0.06/0.24  +0.03/0.17  +0.02/0.12  +0.01/0.09  (block-sum: 0.34 0.29 0.23 0.19)
-    α=1.8: +0.03/0.18  +0.02/0.14  +0.01/0.10  +0.01/0.08  (block-sum: 0.31 0.27 0.21 0.18)
-    α=2.0: −0.05/0.10  −0.03/0.06  −0.02/0.04  −0.01/0.02  (block-sum: 0.33 0.27 0.21 0.17)
-and the scale's relative RMSE with α estimated: 11–20 % at M = 64, 3–7 % at M = 512.
+reference gradient is needed: Var log|D| = (π²/6)(1/α² + 1/2) and
+E log|D| = γ(1/α − 1) + log(2^{1/α}c), γ Euler's constant (:func:`hf_levy.stable.alpha_from_log_moments`,
+:func:`hf_levy.stable.scale_from_log_moments`).
+The pairs form a U-statistic, which averages out much of the sampling noise of log|X|: at M ≤ 512 it is
+more accurate than the block-sum estimator (Mohammadi et al. 2015: only √M blocks) and than log moments of
+the samples even with their centre known, and it needs no centre, whose estimate (mean or median) would
+bias α̂ (docs/benchmarks.md, "Tail-index estimators").
 
 Legend: P parameters (flat length), K eigenvectors (directions), M micro-batches.
 """
@@ -36,25 +30,30 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hf_levy.hvp import LossFn, _LossClosure, _sharded_gradient
-from hf_levy.params import checked_trainable, flatten, is_sharded, local_view, num_elements
+from hf_levy import rng
+from hf_levy.hvp import LossFn, loss_gradient
+from hf_levy.params import (
+    ParameterSpace,
+    checked_trainable,
+    num_elements,
+    rank_and_world,
+    sum_over_ranks,
+)
+from hf_levy.rng import step_generator
+from hf_levy.stable import alpha_from_log_moments, scale_from_log_moments
 
-EULER_GAMMA = 0.5772156649015329
 # Fitted α is clipped into this range. Above 2 there is no stable law. Below 0.5 an estimate from
 # M ≤ 512 draws reflects a few near-equal projections (log|D| outliers) more than real tails, the
 # sampler overflows float32 ever more often, and any α ≤ 1 already means nothing is injected
 # (see injected_scale): the floor only keeps such fits from producing absurd scales.
 ALPHA_RANGE = (0.5, 2.0)
-# Below 32 micro-batches the α̂ RMSE exceeds 0.3 (measured: 0.32–0.35 at M = 32 for α ≤ 1.5).
+# Below 32 micro-batches the α̂ RMSE exceeds 0.3 (docs/benchmarks.md, "Tail-index estimators").
 MIN_MICROBATCHES = 32
 _PAIR_CHUNK = 1 << 22  # elements of the (rows, M, K) difference block held at once
-# Pairs closer than this fraction of the column's spread (median absolute deviation) are ties. Projections
-# are float32 dot products, and the same micro-batch drawn twice (its examples in another order) differs by
-# rounding alone: one such pair among 32 (|D| = 4e-9 to 2e-8 against a spread of ~2e-2) puts log|D| ≈ -19
-# outliers into the variance and moved α̂ by up to 0.45 (1.62 → 1.21, 2.0 → 1.49), so a single-process and a
-# DDP run of the same calibration disagreed (the copies tied exactly in one, by rounding in the other). A genuine
-# pair this close has probability ~1e-5, and dropping one barely moves the moments. Relative to the spread,
-# not the values, so the fit stays location-invariant and scale-equivariant.
+# Pairs closer than this fraction of the column's spread (median absolute deviation) are ties: a micro-batch
+# drawn twice differs from its copy by float32 rounding alone, and one log|D| outlier that far below the
+# rest drags α̂ down, while a genuine pair this close is rare. Relative to the spread, not the values, so
+# the fit stays location-invariant and scale-equivariant.
 _TIE_RELATIVE = 1e-5
 
 
@@ -72,32 +71,6 @@ class DirectionalNoise:
 
     alpha_K: Tensor
     scale_K: Tensor
-
-
-def loss_gradient(
-    model: nn.Module, batch: Mapping[str, Any], params: Sequence[Tensor], *, loss_fn: LossFn | None = None
-) -> Tensor:
-    """The flat (P,) gradient of the loss on ``batch`` w.r.t. ``params`` (dtype of the parameters).
-
-    The loss is ``model(**batch).loss`` unless ``loss_fn(model, batch)``; taken in eval mode with
-    ``torch.autograd.grad``, so ``.grad``, the modes of all submodules and the global RNG are as before.
-    Parameters the loss does not reach get zeros. FSDP2-sharded parameters: every rank calls this on its
-    share of the batch and gets its piece (local shards) of the gradient of the mean loss over the ranks
-    (a ``backward``, since FSDP reduces only there; ``.grad`` is restored).
-
-    Raises:
-        ValueError: empty ``params``, a parameter without ``requires_grad``, or no ``.loss``.
-    """
-    params = checked_trainable(params)
-    device = local_view(params[0]).device
-    batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-    closure = _LossClosure(model, batch, loss_fn, device)
-    if any(is_sharded(p) for p in params):
-        with closure.frozen_state(), torch.enable_grad():
-            return _sharded_gradient(closure, params)
-    with closure.frozen_state(), torch.enable_grad():
-        grads = torch.autograd.grad(closure(), params, allow_unused=True)
-    return flatten([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)])
 
 
 def microbatch_projections(
@@ -185,14 +158,13 @@ def fit_directional_noise(
     if alpha is not None:
         alpha_K = torch.full_like(mean_K, float(alpha))
     else:
-        bracket = 6 * var_K / math.pi**2 - 0.5
-        alpha_K = torch.where(bracket > 0, bracket.clamp_min(1e-300).rsqrt(), math.inf)
+        alpha_K = alpha_from_log_moments(var_K)
         if clip_alpha:
             alpha_K = alpha_K.clamp(*ALPHA_RANGE)
     flat = count_K < 2
     alpha_K = torch.where(flat, 2.0, alpha_K)
-    inv_alpha = 1 / alpha_K.clamp(max=2.0)
-    scale_K = torch.exp(mean_K - EULER_GAMMA * (inv_alpha - 1)) / 2**inv_alpha
+    capped_K = alpha_K.clamp(max=2.0)
+    scale_K = scale_from_log_moments(mean_K, capped_K) / 2 ** (1 / capped_K)  # D has scale 2^{1/α}·c
     return DirectionalNoise(alpha_K, torch.where(flat, 0.0, scale_K))
 
 
@@ -267,3 +239,47 @@ def _pairwise_log_moments(x_MK: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     mean = total / count.clamp_min(1)
     var = (total_sq - count * mean.square()) / (count - 1).clamp_min(1)
     return mean, var, count
+
+
+def calibrate_to_virtual_batch(
+    model: nn.Module,
+    dataset: Any,
+    collate_fn: Callable[[list[Any]], Mapping[str, Any]],
+    space: ParameterSpace,
+    vectors_PK: Tensor,
+    *,
+    virtual_batch_size: int,
+    num_microbatches: int,
+    physical_batch_size: int | None,
+    seed: int,
+    step: int,
+    alpha: float | None = None,
+    loss_fn: LossFn | None = None,
+) -> DirectionalNoise:
+    """The noise of batch size b along ``vectors_PK``, as the SαS law to inject (α_K, c_inj_K).
+
+    M micro-batches of b training examples (indices drawn from the calibration stream of ``seed`` at
+    ``step``) are split across the ranks: whole micro-batches per rank for replicated parameters, each
+    micro-batch's examples under FSDP (whose K dots are summed over ranks). The (M, K) table of
+    projections is gathered on every rank, α and c_b are fitted per direction (``alpha`` fixes α), and
+    c_inj = :func:`injected_scale` tops the physical batch's own noise up to the batch-b level.
+    """
+    b, m = virtual_batch_size, num_microbatches
+    indices = torch.randint(len(dataset), (m, b), generator=step_generator(seed + rng.CALIBRATION, step))
+    rank, world = rank_and_world()
+    mine = list(range(m)) if space.sharded else list(range(rank, m, world))
+    share = slice(rank, None, world) if space.sharded else slice(None)
+    projections = microbatch_projections(
+        model,
+        (collate_fn([dataset[int(i)] for i in indices[row][share]]) for row in mine),
+        space.params,
+        space.unpad(vectors_PK),
+        loss_fn=loss_fn,
+        reduce=space.reduce,
+    ).values_MK
+    if world > 1 and not space.sharded:  # each rank fills its rows; the sum gathers the table everywhere
+        table = torch.zeros(m, projections.shape[1], dtype=torch.float64, device=space.device)
+        table[mine] = projections.to(table.device)
+        projections = sum_over_ranks(table).cpu()
+    fit = fit_directional_noise(projections, alpha=alpha)
+    return DirectionalNoise(fit.alpha_K, injected_scale(fit.scale_K, fit.alpha_K, b, physical_batch_size))

@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hf_levy import rng
-from hf_levy.calibration import MIN_MICROBATCHES, fit_directional_noise, loss_gradient
-from hf_levy.hvp import LossFn
+from hf_levy.calibration import MIN_MICROBATCHES, fit_directional_noise
+from hf_levy.hvp import LossFn, loss_gradient
 from hf_levy.params import num_elements
 from hf_levy.rng import step_generator
 from hf_levy.stable import MIN_ESTIMATOR_SAMPLES, estimate_stable_scale, estimate_tail_index
@@ -67,7 +67,7 @@ def tail_index_profile(
     weighted by chunk size, so the loss must be a mean over the examples of a batch.
 
     Args:
-        model, params, loss_fn: as in :func:`hf_levy.calibration.loss_gradient` (eval mode; the
+        model, params, loss_fn: as in :func:`hf_levy.hvp.loss_gradient` (eval mode; the
             model's modes, ``.grad`` and the global RNG are left as they were).
         dataset: map-style (``len`` and integer indexing); ``collate_fn(list of examples)`` makes a batch.
         batch_sizes: the b to profile, each in [1, len(dataset)).

@@ -88,27 +88,24 @@ def step_noise(
     max_noise_ratio: float | None,
     calibrated_scale_K: Tensor | None = None,
     calibrated_alpha_K: Tensor | None = None,
-    clip_shrink: float = 1.0,
+    pre_clip_norm: float | None = None,
 ) -> NoiseDraw:
     """The noise law of one optimizer step: its coefficients from the gradient norm and the sketch.
 
     Uncalibrated: c = levy_scale · u · w(λ), with u = ‖g‖ ('relative') or 1 ('absolute') and w the
-    :func:`curvature_weights`, at one ``alpha`` for every direction. Calibrated: c = levy_scale ·
-    clip_shrink · calibrated_scale_K at the fitted ``calibrated_alpha_K`` (``clip_shrink`` = ‖g‖/‖g_raw‖,
-    the share max_grad_norm clipping kept of the gradient). The cap is ‖coef‖ ≤ max_noise_ratio · ‖g‖.
+    :func:`curvature_weights`, at one ``alpha`` for every direction. Calibrated: c = levy_scale · r ·
+    calibrated_scale_K at the fitted ``calibrated_alpha_K``, r = min(1, ‖g‖ / ``pre_clip_norm``): clipping
+    shrank the gradient, and with it the physical batch's own noise, by r, so the injected noise shrinks the
+    same way and noise and signal keep the batch-b ratio. The cap is ‖coef‖ ≤ max_noise_ratio · ‖g‖.
     """
     if calibrated_scale_K is not None:
-        scales_K, alpha = levy_scale * clip_shrink * calibrated_scale_K, calibrated_alpha_K
+        shrink = min(1.0, grad_norm / pre_clip_norm) if pre_clip_norm else 1.0
+        scales_K, alpha = levy_scale * shrink * calibrated_scale_K, calibrated_alpha_K
     else:
         unit = grad_norm if scale_mode == "relative" else 1.0
         scales_K = levy_scale * unit * curvature_weights(values_K)
     max_norm = max_noise_ratio * grad_norm if max_noise_ratio is not None else None
     return noise_coefficients(scales_K, alpha, generator, clip=clip, max_norm=max_norm)
-
-
-def directional_noise(vectors_PK: Tensor, coef_K: Tensor) -> Tensor:
-    """ξ_P = vectors_PK · coef_K, in the dtype and on the device of the vectors."""
-    return vectors_PK @ coef_K.to(device=vectors_PK.device, dtype=vectors_PK.dtype)
 
 
 def isotropic_noise(

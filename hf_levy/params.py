@@ -179,3 +179,10 @@ class ParameterSpace:
                 p.grad = torch.zeros_like(p)
             grad = local_view(p.grad)
             grad.add_(piece.to(device=grad.device, dtype=grad.dtype))
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

@@ -45,10 +45,6 @@ class HessianSketch:
     def ready(self) -> bool:
         return self.vectors_PK is not None
 
-    def due(self, step: int, every: int) -> bool:
-        """True at the first step and whenever ``every`` optimizer steps have passed since the last refresh."""
-        return self.step is None or step - self.step >= every
-
     def refresh(
         self,
         matvec: Callable[[Tensor], Tensor],

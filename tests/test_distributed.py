@@ -56,7 +56,7 @@ def test_noise_changes_the_ddp_run(noisy, tmp_path):
 
 
 def test_eigenvalues_equal_the_single_process_ones_on_the_same_sketch_batch(noisy, tmp_path):
-    single = run_levy(tmp_path, max_steps=1, levy_scale=0.5)
+    single = run_levy(tmp_path, max_steps=1, logging_steps=1, levy_scale=0.5)
     first = next(h for h in single.state.log_history if "curvature/eigenvalue_0" in h)
     expected = torch.tensor(
         [first["curvature/eigenvalue_0"], first["curvature/eigenvalue_1"]], dtype=torch.float64
@@ -88,7 +88,12 @@ def test_calibration_under_ddp_gathers_the_single_process_table(tmp_path):
     # 1e-7, α̂ within 4e-5 measured); one rank's rows missing (zeros) or repeated move α̂_0 by 0.13 here.
     ranks = torchrun(tmp_path / "ddp", "--levy_virtual_batch_size", "2", "--max_steps", "1")
     single = run_levy(
-        tmp_path, max_steps=1, levy_scale=0.5, levy_virtual_batch_size=2, calibration_num_microbatches=32
+        tmp_path,
+        max_steps=1,
+        logging_steps=1,
+        levy_scale=0.5,
+        levy_virtual_batch_size=2,
+        calibration_num_microbatches=32,
     )
     first = next(h for h in single.state.log_history if "levy/fitted_alpha_0" in h)
     expected = [first[f"levy/fitted_alpha_{i}"] for i in range(2)]

@@ -8,19 +8,12 @@ from hf_levy import sample_symmetric_stable
 from hf_levy.noise import (
     NoiseDraw,
     curvature_weights,
-    directional_noise,
     isotropic_noise,
     noise_coefficients,
+    step_noise,
 )
 from hf_levy.noise_tally import NoiseTally
 from hf_levy.rng import step_generator
-
-
-def orthonormal(P, K, seed=0):
-    q, _ = torch.linalg.qr(
-        torch.randn(P, K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    )
-    return q
 
 
 def test_coefficients_couple_exactly_across_scales():
@@ -57,15 +50,6 @@ def test_clip_bounds_each_draw_and_cap_bounds_the_norm():
     torch.testing.assert_close(
         capped, free / free.norm(), rtol=1e-12, atol=0
     )  # the cap rescales, keeps direction
-
-
-def test_noise_lies_in_the_span_and_its_norm_is_the_coefficient_norm():
-    V = orthonormal(50, 4)
-    coef = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
-    xi = directional_noise(V, coef)
-    torch.testing.assert_close(V.T @ xi, coef, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(xi.norm(), coef.norm(), rtol=1e-12, atol=0)
-    torch.testing.assert_close(xi - V @ (V.T @ xi), torch.zeros(50, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 def test_curvature_weights_follow_root_curvature():
@@ -114,3 +98,51 @@ def test_tally_fractions_and_means_over_known_draws():
     assert metrics["levy/noise_norm"] == (2.0 + 1.0 + 3.0 + 0.5) / 4
     assert metrics["levy/noise_to_grad_ratio"] == (1.0 + 0.25 + 3.0 + 0.0) / 4
     assert NoiseTally().metrics() == {}
+
+
+def test_step_noise_is_a_pure_function_of_its_inputs():
+    values = torch.tensor([4.0, 1.0, -2.0], dtype=torch.float64)
+    settings = dict(levy_scale=0.5, scale_mode="relative", alpha=1.3, clip=10.0, max_noise_ratio=2.0)
+    first = step_noise(3.0, values, step_generator(1, 7), **settings)
+    again = step_noise(3.0, values.clone(), step_generator(1, 7), **settings)
+    assert torch.equal(first.coef_K, again.coef_K) and (first.num_clipped, first.capped) == (
+        again.num_clipped,
+        again.capped,
+    )
+
+
+def test_step_noise_scales_follow_the_formula_in_each_mode():
+    values = torch.tensor([4.0, 1.0, -2.0], dtype=torch.float64)
+    z = sample_symmetric_stable((3,), 1.3, generator=step_generator(1, 7), dtype=torch.float64).clamp(-10, 10)
+    weights = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64) / 5**0.5  # √λ⁺ / ‖√λ⁺‖
+    common = dict(alpha=1.3, clip=10.0, max_noise_ratio=None)
+    relative = step_noise(3.0, values, step_generator(1, 7), levy_scale=0.5, scale_mode="relative", **common)
+    torch.testing.assert_close(relative.coef_K, 0.5 * 3.0 * weights * z, rtol=1e-12, atol=0)
+    absolute = step_noise(3.0, values, step_generator(1, 7), levy_scale=0.5, scale_mode="absolute", **common)
+    torch.testing.assert_close(absolute.coef_K, 0.5 * weights * z, rtol=1e-12, atol=0)
+    # calibrated: its own scales and α per direction, shrunk by what clipping kept of the gradient (3 of 4)
+    scales, alphas = (
+        torch.tensor([0.2, 0.1, 0.3], dtype=torch.float64),
+        torch.full((3,), 1.3, dtype=torch.float64),
+    )
+    calibrated = step_noise(
+        3.0,
+        values,
+        step_generator(1, 7),
+        levy_scale=2.0,
+        scale_mode="relative",
+        calibrated_scale_K=scales,
+        calibrated_alpha_K=alphas,
+        pre_clip_norm=4.0,
+        **common,
+    )
+    torch.testing.assert_close(calibrated.coef_K, 2.0 * 0.75 * scales * z, rtol=1e-12, atol=0)
+    capped = step_noise(
+        3.0,
+        values,
+        step_generator(1, 7),
+        levy_scale=50.0,
+        scale_mode="relative",
+        **{**common, "max_noise_ratio": 0.1},
+    )
+    assert capped.capped and abs(float(capped.coef_K.norm()) - 0.3) < 1e-12

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from trainer_utils import run_levy
 from transformers import TrainerCallback
 
-import hf_levy.callback
+import hf_levy.schedule
 from hf_levy import LevyCallback, LevyConfig
+from hf_levy.schedule import STATE_KEYS, RefreshSchedule
 
 REFRESH_SECONDS = 20.0
 
@@ -40,7 +41,7 @@ def clock(monkeypatch):
     """Fake wall clock of the callback; every sketch refresh costs REFRESH_SECONDS on it. Yields
     (clock, steps of the refreshes)."""
     fake = FakeClock()
-    monkeypatch.setattr(hf_levy.callback, "time", types.SimpleNamespace(perf_counter=fake.perf_counter))
+    monkeypatch.setattr(hf_levy.schedule, "time", types.SimpleNamespace(perf_counter=fake.perf_counter))
     refreshed = []
     real = LevyCallback.refresh_sketch
 
@@ -149,3 +150,61 @@ def test_a_second_train_call_starts_its_schedule_and_total_afresh(tmp_path, cloc
     assert trainer.state.log_history[-1]["curvature/sketch_seconds_total"] == pytest.approx(
         2 * REFRESH_SECONDS
     )
+
+
+# ---------------------------------------------------------------- RefreshSchedule alone, without a Trainer
+def drive(schedule, clock, steps, step_seconds, refresh_seconds=REFRESH_SECONDS):
+    """Run ``steps`` optimizer steps on the fake clock; returns the steps at which a refresh ran."""
+    refreshed, last = [], None
+    for step in range(steps):
+        if schedule.due(step, last):
+            with schedule.refreshing():
+                clock.now += refresh_seconds
+            refreshed.append(step)
+            last = step
+        clock.now += step_seconds(step) if callable(step_seconds) else step_seconds
+    return refreshed
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(hf_levy.schedule, "time", types.SimpleNamespace(perf_counter=fake.perf_counter))
+    return fake
+
+
+def test_schedule_without_budget_refreshes_every_n_steps(fake_clock):
+    schedule = RefreshSchedule(every_n_steps=4)
+    assert drive(schedule, fake_clock, 13, 1.0) == [0, 4, 8, 12]
+    assert schedule.total_seconds == 4 * REFRESH_SECONDS and schedule.deferred_to is None
+
+
+def test_schedule_budget_waits_refresh_seconds_over_budget_times_the_median_step(fake_clock):
+    # 20 s refresh, 2 s steps, budget 0.25: ceil(20 / (0.25 x 2)) = 40 steps after each refresh.
+    schedule = RefreshSchedule(every_n_steps=3, max_overhead=0.25)
+    assert drive(schedule, fake_clock, 90, 2.0) == [0, 40, 80]
+    # one slow step in three (an evaluation): the median, not the mean (12 s), prices the step
+    slow = RefreshSchedule(every_n_steps=3, max_overhead=0.25)
+    assert drive(slow, fake_clock, 50, lambda s: 32.0 if s % 3 == 1 else 2.0) == [0, 40]
+
+
+def test_schedule_deferred_step_is_the_one_every_rank_agrees_on(fake_clock):
+    agreed = []
+    schedule = RefreshSchedule(every_n_steps=3, max_overhead=0.5, agree=lambda s: agreed.append(s) or s - 33)
+    assert drive(schedule, fake_clock, 12, 1.0) == [0, 7]
+    assert agreed == [40, 47]  # this rank's own choices (refresh + 40 steps), replaced by the agreed ones
+
+
+def test_schedule_state_round_trips_through_its_checkpoint_keys(fake_clock):
+    schedule = RefreshSchedule(every_n_steps=3, max_overhead=0.5)
+    drive(schedule, fake_clock, 5, 1.0)
+    state = schedule.state_dict()
+    assert set(state) == set(STATE_KEYS)
+    assert int(state["schedule_deferred_to"]) == 40 and float(state["schedule_sketch_seconds_total"]) == 20.0
+    restored = RefreshSchedule(every_n_steps=3, max_overhead=0.5)
+    restored.load_state_dict(state)
+    assert (restored.total_seconds, restored.refresh_seconds, restored.deferred_to) == (20.0, 20.0, 40)
+    assert not restored.due(39, 0) and restored.due(40, 0)
+    fresh = RefreshSchedule(every_n_steps=3)
+    fresh.load_state_dict(RefreshSchedule(every_n_steps=3).state_dict())
+    assert (fresh.total_seconds, fresh.refresh_seconds, fresh.deferred_to) == (0.0, None, None)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_levy.sketch import HessianSketch, SketchSettings
+from hf_levy.lanczos import Eigenpairs
+from hf_levy.sketch import HessianSketch, SketchSettings, sketch_metrics
 
 
 def planted(dim=60, top=(10.0, 8.0, 6.0), seed=0):
@@ -32,12 +33,19 @@ def test_refresh_finds_the_top_eigenpairs_and_reports_metrics():
     torch.testing.assert_close(s.vectors_PK.T @ A @ s.vectors_PK, torch.diag(spectrum[:3]), rtol=0, atol=1e-7)
 
 
-def test_due_at_the_first_step_then_every_n():
-    A, _ = planted()
-    s = sketch()
-    assert s.due(0, every=5)
-    s.refresh(lambda v: A @ v, 60, step=0)
-    assert [s.due(t, every=5) for t in range(7)] == [False] * 5 + [True, True]
+def test_metrics_report_the_worst_relative_residual_of_the_pairs():
+    pairs = Eigenpairs(
+        values=torch.tensor([10.0, -4.0, 0.5], dtype=torch.float64),
+        vectors=torch.eye(3, dtype=torch.float64),
+        residuals=torch.tensor([1e-3, 2e-3, 1e-4], dtype=torch.float64),
+        num_matvecs=7,
+        converged=False,
+    )
+    metrics = sketch_metrics(pairs, 1.5)
+    assert metrics["curvature/lanczos_residual"] == pytest.approx(max(1e-4, 5e-4, 2e-4), rel=1e-12)
+    assert [metrics[f"curvature/eigenvalue_{i}"] for i in range(3)] == [10.0, -4.0, 0.5]
+    assert (metrics["curvature/hvp_count"], metrics["curvature/lanczos_converged"]) == (7.0, 0.0)
+    assert metrics["curvature/sketch_seconds"] == 1.5
 
 
 def test_second_refresh_is_warm_started_and_cheaper():

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from trainer_utils import SKETCH, flat_params, model, run_levy, run_stock, token_dataset
 from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
+import hf_levy.calibration
 import hf_levy.callback
 import hf_levy.noise
 from hf_levy import LevyConfig, LevyTrainer
@@ -27,7 +28,7 @@ def test_scale_zero_is_bitwise_the_stock_trainer_with_the_sketch_running(tmp_pat
         h["loss"] for h in levy.state.log_history if "loss" in h
     ]
     sketched = [h for h in levy.state.log_history if "curvature/eigenvalue_0" in h]
-    assert [h["step"] for h in sketched] == [1, 4], "the sketch ran at steps 0 and 3 (logged at 1 and 4)"
+    assert [h["step"] for h in sketched] == [2, 4], "the sketch ran at steps 0 and 3 (logged at 2 and 4)"
 
 
 def test_same_seed_twice_is_bitwise_equal(tmp_path):
@@ -114,7 +115,7 @@ def test_heavy_tails_never_give_a_non_finite_loss_or_parameter(tmp_path):
     # Plain SGD passes the noise through unnormalized, so an untruncated draw would blow up the weights.
     trainer = run_levy(tmp_path, max_steps=8, levy_alpha=0.8, levy_scale=1e4, optim="sgd", learning_rate=0.05)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     assert torch.isfinite(flat_params(trainer)).all()
     ratios = [
         h["levy/noise_to_grad_ratio"] for h in trainer.state.log_history if "levy/noise_to_grad_ratio" in h
@@ -128,10 +129,11 @@ def test_noise_that_overflows_the_gradient_dtype_is_skipped(tmp_path, monkeypatc
         "noise_coefficients",
         lambda scales, *a, **k: NoiseDraw(torch.full_like(scales, 1e300), 0, False),
     )
-    stock = run_stock(tmp_path, max_steps=3)
-    levy = run_levy(tmp_path, max_steps=3, levy_clip=None, levy_max_noise_ratio=None)
+    stock = run_stock(tmp_path, max_steps=4)
+    levy = run_levy(tmp_path, max_steps=4, levy_clip=None, levy_max_noise_ratio=None)
     assert torch.equal(flat_params(stock), flat_params(levy))
-    assert [h.get("levy/skipped_nonfinite_steps") for h in levy.state.log_history if "loss" in h] == [1.0] * 3
+    # counted per logging window of 2 steps
+    assert [h.get("levy/skipped_nonfinite_steps") for h in levy.state.log_history if "loss" in h] == [2.0] * 2
 
 
 def test_lora_frozen_parameters_get_neither_curvature_nor_noise(tmp_path):
@@ -147,7 +149,7 @@ def test_lora_frozen_parameters_get_neither_curvature_nor_noise(tmp_path):
         model=lora, args=args, train_dataset=token_dataset(), data_collator=default_data_collator
     )
     trainer.train()
-    assert trainer.levy_callback.sketch.vectors_PK.shape == (trainable, 2)
+    assert trainer.levy_callback.run.sketch.vectors_PK.shape == (trainable, 2)
     for n, p in lora.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p.detach(), frozen_before[n]), n
@@ -168,10 +170,10 @@ def test_eager_model_gets_exact_products_through_auto(tmp_path):
 
 
 def test_bf16_autocast_and_non_reentrant_checkpointing(tmp_path):
-    trainer = run_levy(tmp_path, max_steps=3, levy_scale=0.5, bf16=True, gradient_checkpointing=True)
+    trainer = run_levy(tmp_path, max_steps=4, levy_scale=0.5, bf16=True, gradient_checkpointing=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
-    assert trainer.levy_callback.noise_draws == 3
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert trainer.levy_callback.noise_draws == 4
 
 
 def test_trainer_rejects_plain_training_arguments(tmp_path):
@@ -195,7 +197,7 @@ class PoisonGradients(TrainerCallback):
 
 
 def test_steps_with_non_finite_gradients_get_no_noise(tmp_path):
-    args = LevyConfig(output_dir=str(tmp_path / "inf"), max_steps=2, **_small(levy_scale=0.5))
+    args = LevyConfig(output_dir=str(tmp_path / "inf"), max_steps=4, **_small(levy_scale=0.5))
     trainer = LevyTrainer(
         model=model(), args=args, train_dataset=token_dataset(), data_collator=default_data_collator
     )
@@ -203,13 +205,14 @@ def test_steps_with_non_finite_gradients_get_no_noise(tmp_path):
     trainer.train()
     assert trainer.levy_callback.noise_draws == 0
     logged = [h.get("levy/skipped_nonfinite_steps") for h in trainer.state.log_history if "loss" in h]
-    assert logged == [1.0, 1.0]
+    assert logged == [2.0, 2.0]  # counted per logging window of 2 steps
 
 
 def test_isotropic_ablation_has_the_same_noise_norms_as_the_hessian_noise(tmp_path):
     # One step: both start from the same gradient, so the norms must agree exactly; only the direction differs.
-    hessian = run_levy(tmp_path, name="hessian", max_steps=1, levy_scale=0.5)
-    isotropic = run_levy(tmp_path, name="iso", max_steps=1, levy_scale=0.5, levy_noise_basis="isotropic")
+    one = dict(max_steps=1, logging_steps=1, levy_scale=0.5)
+    hessian = run_levy(tmp_path, name="hessian", **one)
+    isotropic = run_levy(tmp_path, name="iso", levy_noise_basis="isotropic", **one)
     first = lambda t: next(h["levy/noise_norm"] for h in t.state.log_history if "levy/noise_norm" in h)  # noqa: E731
     assert first(hessian) == pytest.approx(first(isotropic), rel=1e-9)
     assert not torch.equal(flat_params(hessian), flat_params(isotropic))
@@ -226,10 +229,10 @@ def test_calibration_fits_alpha_and_scales_logs_them_and_resumes_exactly(tmp_pat
         save_steps=3,
     )
     full = run_levy(tmp_path, name="full", **settings)
-    callback = full.levy_callback
-    assert callback.calibrated_alpha_K.shape == (2,) and callback.calibrated_scale_K.shape == (2,)
-    assert ((callback.calibrated_alpha_K >= 0.5) & (callback.calibrated_alpha_K <= 2.0)).all()
-    assert (callback.calibrated_scale_K > 0).all()
+    calibration = full.levy_callback.run.calibration
+    assert calibration.alpha_K.shape == (2,) and calibration.scale_K.shape == (2,)
+    assert ((calibration.alpha_K >= 0.5) & (calibration.alpha_K <= 2.0)).all()
+    assert (calibration.scale_K > 0).all()
     first = next(h for h in full.state.log_history if "loss" in h)
     for key in ("levy/fitted_alpha_0", "levy/calibrated_scale_1", "curvature/calibration_gradients"):
         assert key in first, key
@@ -251,9 +254,9 @@ def test_calibrated_scale_follows_the_design_formula_and_is_c_b_at_full_batch(
     # DESIGN.md: c_inj = c_b·(1 − (b/B)^(α−1))^(1/α), and c_b at full batch (a step over all 64 examples has
     # no sampling noise of its own). The fit is recorded as it happens; the formula is evaluated here.
     fits = []
-    real_fit = hf_levy.callback.fit_directional_noise
+    real_fit = hf_levy.calibration.fit_directional_noise
     monkeypatch.setattr(
-        hf_levy.callback,
+        hf_levy.calibration,
         "fit_directional_noise",
         lambda *a, **kw: fits.append(real_fit(*a, **kw)) or fits[-1],
     )
@@ -265,13 +268,13 @@ def test_calibrated_scale_follows_the_design_formula_and_is_c_b_at_full_batch(
         levy_virtual_batch_size=2,
         calibration_num_microbatches=32,
     )
-    callback = trainer.levy_callback
-    assert callback.physical_batch_size == physical
+    run = trainer.levy_callback.run
+    assert run.physical_batch_size == physical
     c_b, alpha = fits[-1].scale_K, fits[-1].alpha_K
     want = c_b if physical is None else c_b * (1 - (2 / physical) ** (alpha - 1)).clamp_min(0) ** (1 / alpha)
-    torch.testing.assert_close(callback.calibrated_scale_K, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(run.calibration.scale_K, want, rtol=1e-12, atol=0)
     if physical is None:
-        assert torch.equal(callback.calibrated_scale_K, c_b)
+        assert torch.equal(run.calibration.scale_K, c_b)
 
 
 def test_a_virtual_batch_as_large_as_the_training_set_is_rejected_at_full_batch(tmp_path):
@@ -295,11 +298,10 @@ def test_virtual_batch_must_be_smaller_than_the_physical_batch(tmp_path):
 
 
 def test_bfloat16_sketch_storage_gives_close_eigenvalues_and_finite_training(tmp_path):
-    exact = run_levy(tmp_path, name="f32", max_steps=1, levy_scale=0.5, lanczos_num_iters=16)
-    half = run_levy(
-        tmp_path, name="bf16", max_steps=1, levy_scale=0.5, lanczos_num_iters=16, sketch_dtype="bfloat16"
-    )
-    assert half.levy_callback.sketch.vectors_PK.dtype == torch.bfloat16
+    one = dict(max_steps=1, logging_steps=1, levy_scale=0.5, lanczos_num_iters=16)
+    exact = run_levy(tmp_path, name="f32", **one)
+    half = run_levy(tmp_path, name="bf16", sketch_dtype="bfloat16", **one)
+    assert half.levy_callback.run.sketch.vectors_PK.dtype == torch.bfloat16
     eig = lambda t: torch.tensor([t.state.log_history[0][f"curvature/eigenvalue_{i}"] for i in range(2)])  # noqa: E731
     torch.testing.assert_close(eig(half), eig(exact), rtol=2e-2, atol=0)
     assert torch.isfinite(flat_params(half)).all()
@@ -310,10 +312,10 @@ def test_offloaded_sketch_trains_like_the_resident_one(tmp_path, offload):
     # On this CPU-only machine every device is the host: the placement itself is tested in test_sketch.
     resident = run_levy(tmp_path, name="resident", max_steps=2, levy_scale=0.5)
     offloaded = run_levy(tmp_path, name=offload, max_steps=2, levy_scale=0.5, sketch_offload=offload)
-    settings = offloaded.levy_callback.sketch.settings
+    settings = offloaded.levy_callback.run.sketch.settings
     assert (
         settings.basis_device == torch.device("cpu")
-        and resident.levy_callback.sketch.settings.basis_device is None
+        and resident.levy_callback.run.sketch.settings.basis_device is None
     )
     assert settings.vector_device == torch.device("cpu")  # "all", or the parameters' device for "basis"
     assert offloaded.levy_callback.noise_draws == 2
@@ -323,10 +325,9 @@ def test_offloaded_sketch_trains_like_the_resident_one(tmp_path, offload):
 def test_bf16_finite_difference_sketch_runs_in_float32_and_matches_exact_eigenvalues(tmp_path):
     # SDPA has no double backward, so "auto" takes finite differences; under bf16 autocast those would be
     # wrong by tens of percent, so the sketch must run the model's forward without the autocast wrapper.
-    exact = run_levy(tmp_path, name="exact", max_steps=1, lanczos_num_iters=16, bf16=False)
-    fd = run_levy(
-        tmp_path, name="fd", max_steps=1, lanczos_num_iters=16, bf16=True, model_kwargs={"attn": "sdpa"}
-    )
+    one = dict(max_steps=1, logging_steps=1, lanczos_num_iters=16)
+    exact = run_levy(tmp_path, name="exact", bf16=False, **one)
+    fd = run_levy(tmp_path, name="fd", bf16=True, model_kwargs={"attn": "sdpa"}, **one)
     assert fd.levy_callback.hvp_method == "finite_difference"
     eig = lambda t: torch.tensor([t.state.log_history[0][f"curvature/eigenvalue_{i}"] for i in range(2)])  # noqa: E731
     torch.testing.assert_close(eig(fd), eig(exact), rtol=1e-2, atol=0)
@@ -353,7 +354,13 @@ def test_torch_compiled_model_gets_the_same_sketch_and_noise_on_every_step(tmp_p
 def test_calibrated_noise_shrinks_with_gradient_clipping(tmp_path):
     # The same run with a tight max_grad_norm: the gradient (and with it the batch's own noise) is scaled by
     # max_grad_norm/‖g_raw‖, and the injected calibrated noise must be scaled by the same factor.
-    settings = dict(levy_scale=1.0, levy_virtual_batch_size=2, calibration_num_microbatches=32, max_steps=1)
+    settings = dict(
+        levy_scale=1.0,
+        levy_virtual_batch_size=2,
+        calibration_num_microbatches=32,
+        max_steps=1,
+        logging_steps=1,
+    )
     free = run_levy(tmp_path, name="free", levy_max_noise_ratio=None, max_grad_norm=0.0, **settings)
     tight = run_levy(tmp_path, name="tight", levy_max_noise_ratio=None, max_grad_norm=0.05, **settings)
     raw = free.state.log_history[0]["grad_norm"]
@@ -365,7 +372,7 @@ def test_calibrated_noise_shrinks_with_gradient_clipping(tmp_path):
 def test_a_sketch_that_hits_lanczos_num_iters_warns_once_and_a_certified_one_does_not(tmp_path, caplog):
     message = "used all lanczos_num_iters"
     with caplog.at_level(logging.WARNING, logger="hf_levy.callback"):
-        capped = run_levy(tmp_path, name="capped", max_steps=7, lanczos_num_iters=2, lanczos_tol=1e-9)
+        capped = run_levy(tmp_path, name="capped", max_steps=8, lanczos_num_iters=2, lanczos_tol=1e-9)
     converged = [
         e["curvature/lanczos_converged"] for e in capped.state.log_history if "curvature/hvp_count" in e
     ]
@@ -424,3 +431,29 @@ def test_a_cap_that_rarely_binds_gives_no_warning(tmp_path, caplog):
         trainer = run_levy(tmp_path, max_steps=4, logging_steps=2, levy_scale=0.01, levy_max_noise_ratio=1.0)
     assert [h["levy/capped_fraction"] for h in trainer.state.log_history if "loss" in h] == [0.0, 0.0]
     assert not [r for r in caplog.records if "levy_max_noise_ratio" in r.getMessage()]
+
+
+def test_noise_to_grad_ratio_is_the_mean_over_each_logging_window(tmp_path):
+    # With one eigenpair the relative-mode ratio of a step is levy_scale·|clip(z)| whatever the eigenvalue, so
+    # each window's mean is known from the step-seeded draws (a last-value or max aggregation would differ).
+    every, scale = 3, 0.5
+    trainer = run_levy(
+        tmp_path,
+        max_steps=6,
+        logging_steps=every,
+        num_eigenpairs=1,
+        levy_scale=scale,
+        levy_max_noise_ratio=None,
+    )
+    seed = trainer.args.levy_seed
+
+    def ratio(step):
+        z = sample_symmetric_stable((1,), 1.5, generator=step_generator(seed, step), dtype=torch.float64)
+        return scale * float(z.clamp(-10, 10).abs())
+
+    windows = [h for h in trainer.state.log_history if "loss" in h]
+    for h in windows:
+        want = sum(ratio(s) for s in range(h["step"] - every, h["step"])) / every
+        assert h["levy/noise_to_grad_ratio"] == pytest.approx(want, rel=1e-6), h["step"]
+    per_step = [ratio(s) for s in range(6)]
+    assert max(per_step) > 1.5 * min(per_step)  # the draws differ enough for the mean to be told apart

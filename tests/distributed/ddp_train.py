@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from trainer_utils import COMMON, SKETCH, model, token_dataset  # noqa: E402
 from transformers import TrainerCallback, default_data_collator  # noqa: E402
 
-import hf_levy.callback  # noqa: E402
+import hf_levy.schedule  # noqa: E402
 from hf_levy import LevyCallback, LevyConfig, LevyTrainer  # noqa: E402
 
 
@@ -43,6 +43,9 @@ def main() -> None:
     if cli.uneven_fake_clock:
         callbacks.append(_install_uneven_fake_clock(refreshed))
     fields = {**COMMON, **SKETCH, "per_device_train_batch_size": cli.per_device_train_batch_size}
+    fields["logging_steps"] = min(
+        fields["logging_steps"], cli.max_steps
+    )  # a one-step run still logs its sketch
     if cli.save_steps:
         fields.update(save_strategy="steps", save_steps=cli.save_steps)
     args = LevyConfig(
@@ -65,7 +68,7 @@ def main() -> None:
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=cli.resume)
-    sketch = trainer.levy_callback.sketch
+    sketch = trainer.levy_callback.run.sketch
     torch.save(
         {
             "world_size": trainer.args.world_size,
@@ -78,7 +81,7 @@ def main() -> None:
                 if "curvature/eigenvalue_0" in h
             ][0],
             "noise_draws": trainer.levy_callback.noise_draws,
-            "physical_batch_size": trainer.levy_callback.physical_batch_size,
+            "physical_batch_size": trainer.levy_callback.run.physical_batch_size,
             "refreshed": refreshed,
             "first_fitted_alpha": [
                 [h[key] for key in sorted(h) if key.startswith("levy/fitted_alpha_")]
@@ -94,7 +97,7 @@ def _install_uneven_fake_clock(refreshed: list[int]) -> TrainerCallback:
     """Rank 0 alone would defer the second refresh by ceil(20 / (0.5 x 1)) = 40 steps, rank 1 by
     ceil(20 / (0.5 x 4)) = 10: only a shared decision keeps the ranks' collectives in step."""
     clock = types.SimpleNamespace(now=0.0)
-    hf_levy.callback.time = types.SimpleNamespace(perf_counter=lambda: clock.now)
+    hf_levy.schedule.time = types.SimpleNamespace(perf_counter=lambda: clock.now)
     real = LevyCallback.refresh_sketch
 
     def refresh_sketch(self, step):

@@ -1,0 +1,204 @@
+"""The state of one training run of LevyCallback, built and checked once when training begins.
+
+A new ``train()`` call (or a hyperparameter trial) starts from a fresh :class:`LevyRun`: nothing of a
+previous run carries over except what a resumed checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hf_levy import rng
+from hf_levy.calibration import DirectionalNoise
+from hf_levy.config import LevyArguments
+from hf_levy.noise import isotropic_noise
+from hf_levy.noise_tally import NoiseTally
+from hf_levy.params import ParameterSpace, rank_and_world, trainable_parameters
+from hf_levy.rng import step_generator
+from hf_levy.schedule import STATE_KEYS as SCHEDULE_KEYS
+from hf_levy.schedule import RefreshSchedule
+from hf_levy.sketch import HessianSketch, SketchSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LevyRun:
+    """What one run holds: the model's parameter space, the sketch and its schedule, the data the sketch
+    and the calibration draw from, and what is logged."""
+
+    model: nn.Module
+    space: ParameterSpace
+    sketch: HessianSketch
+    schedule: RefreshSchedule
+    seed: int
+    dataset: Any
+    collate_fn: Any
+    physical_batch_size: int | None  # B, examples per optimizer step; None: the whole training set
+    calibration: DirectionalNoise | None = None  # the injected α_K and c_inj_K (levy_virtual_batch_size)
+    sketch_metrics: dict[str, float] = field(default_factory=dict)  # of the last refresh, until logged
+    noise_window: NoiseTally = field(default_factory=NoiseTally)  # the steps since the last log
+    noise_total: NoiseTally = field(default_factory=NoiseTally)  # every step of the run
+    skipped_nonfinite: int = 0  # steps since the last log whose gradient or noise was not finite
+    warned_unconverged: bool = False
+    warned_capped: bool = False
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return self.space.params
+
+    def log_metrics(self, *, summary: bool, alpha: float) -> dict[str, float]:
+        """The ``curvature/`` and ``levy/`` entries of a training log (then the window starts afresh), or
+        of the end-of-training summary: the whole run's sketch seconds and truncation shares."""
+        total = {"curvature/sketch_seconds_total": self.schedule.total_seconds} if self.sketch.ready else {}
+        if summary:
+            shares = self.noise_total.metrics("levy/run_")
+            return {**total, **{k: v for k, v in shares.items() if k.endswith("_fraction")}}
+        metrics = {**self.sketch_metrics, **total, **self.noise_window.metrics()}
+        if self.noise_window.steps and self.calibration is None:
+            metrics["levy/alpha"] = float(alpha)
+        if self.skipped_nonfinite:
+            metrics["levy/skipped_nonfinite_steps"] = float(self.skipped_nonfinite)
+        self.sketch_metrics, self.noise_window, self.skipped_nonfinite = {}, NoiseTally(), 0
+        return metrics
+
+    def isotropic_noise(self, norm: float, alpha: float, clip: float | None, step: int) -> Tensor:
+        """The isotropic ablation's ξ (this rank's padded piece): i.i.d. SαS draws rescaled to ``norm``."""
+        space = self.space
+        # Replicated ranks draw the same coordinates; FSDP ranks each draw their own piece.
+        stream = rank_and_world()[0] + 1 if space.sharded else 0
+        generator = step_generator(self.seed + rng.ISOTROPIC + stream, step)
+        xi = isotropic_noise(space.local_numel, norm, alpha, generator, clip=clip, reduce=space.reduce)
+        return space.pad(xi.to(space.device, self.sketch.vectors_PK.dtype))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """What a checkpoint keeps: the sketch, its schedule and the calibration."""
+        state = {**self.sketch.state_dict(), **self.schedule.state_dict()}
+        if self.calibration is not None:
+            state.update(calibrated_alpha=self.calibration.alpha_K, calibrated_scale=self.calibration.scale_K)
+        return state
+
+    def load_state_dict(self, saved: dict[str, Tensor]) -> None:
+        saved = dict(saved)
+        if "calibrated_scale" in saved:
+            self.calibration = DirectionalNoise(saved.pop("calibrated_alpha"), saved.pop("calibrated_scale"))
+        self.schedule.load_state_dict({key: saved.pop(key) for key in SCHEDULE_KEYS})
+        settings = self.sketch.settings
+        saved["vectors_KP"] = saved["vectors_KP"].to(settings.vector_device, settings.vector_dtype)
+        self.sketch.load_state_dict(saved)
+
+
+def start_run(levy: LevyArguments, args: Any, model: nn.Module, train_dataloader: Any) -> LevyRun:
+    """Check the run's setup against the levy fields and build its state. Raises ValueError naming the
+    setting and the fix."""
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError(
+            "the model has no trainable parameters (requires_grad=True): nothing to sketch or perturb"
+        )
+    space = ParameterSpace(params)
+    world = rank_and_world()[1]
+    if space.sharded:
+        _check_sharded(levy, world)
+    dataset = train_dataloader.dataset
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise ValueError("the sketch batch is drawn by index: LevyTrainer needs a map-style train_dataset")
+    if len(dataset) < levy.sketch_batch_size:
+        raise ValueError(
+            f"sketch_batch_size={levy.sketch_batch_size} exceeds the {len(dataset)} training "
+            "examples; lower sketch_batch_size"
+        )
+    per_step = examples_per_batch(train_dataloader, args) * args.gradient_accumulation_steps
+    _check_virtual_batch(levy, min(per_step, len(dataset)), len(dataset), world, space.sharded)
+    seed = levy.levy_seed if levy.levy_seed is not None else args.seed
+    return LevyRun(
+        model=model,
+        space=space,
+        sketch=HessianSketch(sketch_settings(levy, space, seed)),
+        schedule=RefreshSchedule(
+            levy.sketch_every_n_steps, levy.sketch_max_overhead, agree=lambda step: _from_rank0(step, space)
+        ),
+        seed=seed,
+        dataset=dataset,
+        collate_fn=train_dataloader.collate_fn,
+        # A step that sees the whole training set has no sampling noise of its own (None: the calibration
+        # then injects all of batch b's, c_inj = c_b).
+        physical_batch_size=None if per_step >= len(dataset) else per_step,
+    )
+
+
+def sketch_settings(levy: LevyArguments, space: ParameterSpace, seed: int) -> SketchSettings:
+    """Sizes, precision and placement of the sketch: float64 vectors for a float64 model, else
+    ``sketch_dtype``; ``sketch_offload`` moves the Lanczos basis ('basis') or everything ('all') to the host."""
+    float64 = space.params[0].dtype == torch.float64
+    offload = levy.sketch_offload
+    return SketchSettings(
+        num_eigenpairs=min(levy.num_eigenpairs, space.dim),
+        num_iters=min(levy.lanczos_num_iters, space.dim),
+        tol=levy.lanczos_tol,
+        seed=seed,
+        vector_dtype=torch.float64 if float64 else getattr(torch, levy.sketch_dtype),
+        vector_device=torch.device("cpu") if offload == "all" else space.device,
+        basis_device=torch.device("cpu") if offload != "none" else None,
+    )
+
+
+def examples_per_batch(train_dataloader: Any, args: Any) -> int:
+    """Examples in one micro-batch over all processes: Accelerate's ``total_batch_size`` (it follows
+    ``auto_find_batch_size``, which shrinks the batch without changing the arguments), else the arguments'."""
+    try:
+        total = train_dataloader.total_batch_size
+    except (AttributeError, TypeError):
+        total = None
+    if isinstance(total, int) and total > 0:
+        return total
+    return args.per_device_train_batch_size * args.world_size
+
+
+def _check_sharded(levy: LevyArguments, world: int) -> None:
+    if levy.hvp_method == "autograd":
+        raise ValueError(
+            "hvp_method='autograd' is not available under FSDP (sharded parameters have no double "
+            "backward): set hvp_method='finite_difference' or 'auto'"
+        )
+    if levy.sketch_batch_size % world:
+        logger.warning(
+            "hf_levy: sketch_batch_size=%d is not a multiple of the %d ranks; FSDP averages the ranks' "
+            "gradients equally, so the sketch weights their shares unevenly",
+            levy.sketch_batch_size,
+            world,
+        )
+
+
+def _check_virtual_batch(
+    levy: LevyArguments, effective: int, train_size: int, world: int, sharded: bool
+) -> None:
+    virtual = levy.levy_virtual_batch_size
+    if virtual is None:
+        return
+    if virtual >= effective:
+        raise ValueError(
+            f"levy_virtual_batch_size={virtual} must be smaller than the physical batch size "
+            f"{effective} (per-device batch x gradient_accumulation_steps x processes, at most the "
+            f"{train_size} training examples): the noise of a smaller batch is what the "
+            "calibration imitates"
+        )
+    if sharded and virtual < world:
+        raise ValueError(
+            f"levy_virtual_batch_size={virtual} is smaller than the {world} FSDP ranks: every rank "
+            f"computes its share of each micro-batch; use levy_virtual_batch_size >= {world}"
+        )
+
+
+def _from_rank0(step: int, space: ParameterSpace) -> int:
+    """Rank 0's value of ``step`` on every rank (the clocks that chose it differ between ranks)."""
+    if rank_and_world()[1] == 1:
+        return step
+    value = torch.tensor(step, device=space.device)
+    space.broadcast_(value)
+    return int(value)

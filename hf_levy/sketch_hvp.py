@@ -1,0 +1,86 @@
+"""The sketch's Hessian-vector product inside a training run: its batch, its precision, its ranks.
+
+The sketch batch of step s is the same seeded draw of ``sketch_batch_size`` training examples on every
+rank, each rank taking every world-th example. The product v ↦ H v is averaged over the ranks' shares
+(replicated parameters) or computed on this rank's padded piece (FSDP, whose gradient reduce-scatter
+already averages the ranks). Legend: P trainable parameters (this rank's padded piece under FSDP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hf_levy import rng
+from hf_levy.hvp import LossFn, make_hvp
+from hf_levy.params import ParameterSpace, rank_and_world, sum_over_ranks
+from hf_levy.rng import step_generator
+
+
+def sketch_batch(dataset: Any, collate_fn: Callable, size: int, seed: int, step: int) -> dict[str, Any]:
+    """This rank's share of the sketch batch of ``step``: the same global draw on every rank."""
+    generator = step_generator(seed + rng.SKETCH_BATCH, step)
+    indices = torch.randperm(len(dataset), generator=generator)[:size].tolist()
+    rank, world = rank_and_world()
+    return collate_fn([dataset[i] for i in indices[rank::world]])
+
+
+def count_examples(batch: Mapping[str, Any]) -> int:
+    """The batch dimension of the first tensor of a collated batch."""
+    for value in batch.values():
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError("the collated sketch batch holds no tensor with a batch dimension")
+
+
+def sketch_matvec(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    params: Sequence[nn.Parameter],
+    space: ParameterSpace,
+    method: str,
+    loss_fn: LossFn | None = None,
+) -> Callable[[Tensor], Tensor]:
+    """v_P ↦ (H v)_P on the sketch batch as this rank sees it (see the module docstring)."""
+    if method == "finite_difference":
+        # A central difference divides rounding error by ε, so low-precision matmuls would swamp the
+        # product: these products run in float32 even when training uses bf16/fp16 autocast.
+        with full_precision_forward(model):
+            fd = make_hvp(model, batch, params, method=method, loss_fn=loss_fn)
+
+        def hvp(v_P: Tensor) -> Tensor:
+            with full_precision_forward(model):
+                return fd(v_P)
+
+    else:
+        hvp = make_hvp(model, batch, params, method=method, loss_fn=loss_fn)
+    if space.sharded:
+        return lambda v_P: space.pad(hvp(space.unpad(v_P)))
+    if rank_and_world()[1] == 1:
+        return hvp
+    share = float(count_examples(batch))
+    total = float(sum_over_ranks(torch.tensor(share, dtype=torch.float64, device=space.device)))
+    return lambda v_P: sum_over_ranks(hvp(v_P.to(space.device)) * (share / total)).to(v_P.device)
+
+
+@contextlib.contextmanager
+def full_precision_forward(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` without the autocast wrapper Accelerate puts around its forward for bf16/fp16 training.
+
+    Accelerate keeps the unwrapped forward as ``model._original_forward``; it is swapped in for the block and
+    the wrapped one put back after, so training itself keeps its mixed precision.
+    """
+    original = model.__dict__.get("_original_forward")
+    wrapped = model.__dict__.get("forward")
+    if original is None or wrapped is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
