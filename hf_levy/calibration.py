@@ -59,10 +59,16 @@ _TIE_RELATIVE = 1e-5
 
 @dataclass
 class Projections:
-    """``values_MK`` (float64, CPU): g_m·v_i for M micro-batches and K directions; ``num_gradients``: M."""
+    """``values_MK`` (float64, CPU): g_m·v_i for M micro-batches and K directions; ``num_gradients``: M.
+
+    ``square_norm_sum`` = Σ_m ‖g_m‖² (float64) and ``gradient_sum_P`` = Σ_m g_m (this rank's piece under
+    FSDP) give the gradients' total sample variance for :func:`variance_share`.
+    """
 
     values_MK: Tensor
     num_gradients: int
+    square_norm_sum: float = 0.0
+    gradient_sum_P: Tensor | None = None
 
 
 @dataclass
@@ -106,14 +112,36 @@ def microbatch_projections(
             f"vectors_PK must have shape (P, K) with P={dim} (the elements of params), "
             f"got {tuple(vectors_PK.shape)}"
         )
-    rows = []
+    reduce = reduce or (lambda t: t)
+    rows, square_norm_sum, gradient_sum_P = [], 0.0, None
     for batch in batches:
         g_P = loss_gradient(model, batch, params, loss_fn=loss_fn)
-        projection_K = (vectors_PK.mT @ g_P.to(vectors_PK)).double()
-        rows.append((projection_K if reduce is None else reduce(projection_K)).cpu())
+        rows.append(reduce((vectors_PK.mT @ g_P.to(vectors_PK)).double()).cpu())
+        square_norm_sum += float(reduce(g_P.double().square().sum()))
+        gradient_sum_P = g_P.clone() if gradient_sum_P is None else gradient_sum_P.add_(g_P)
     if not rows:
         raise ValueError("batches is empty: pass M >= 32 micro-batches of the virtual batch size")
-    return Projections(torch.stack(rows), len(rows))
+    return Projections(torch.stack(rows), len(rows), square_norm_sum, gradient_sum_P)
+
+
+def variance_share(
+    values_MK: Tensor,
+    square_norm_sum: float,
+    gradient_sum_P: Tensor,
+    *,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> float:
+    """The share of the M gradients' sample variance that lies in the span of the K orthonormal directions.
+
+    Σ_m ‖V^T(g_m − ḡ)‖² / Σ_m ‖g_m − ḡ‖², with the denominator Σ_m ‖g_m‖² − ‖Σ_m g_m‖²/M and the numerator
+    from the (M, K) projections p_m = V^T g_m. In [0, 1] for orthonormal V (up to rounding); ``reduce`` sums
+    ‖Σ g_m‖² over ranks when ``gradient_sum_P`` is this rank's FSDP piece.
+    """
+    m = values_MK.shape[0]
+    inside = float((values_MK - values_MK.mean(dim=0)).square().sum())
+    sum_square = gradient_sum_P.double().square().sum()
+    total = square_norm_sum - float(sum_square if reduce is None else reduce(sum_square)) / m
+    return inside / total if total > 0 else math.nan
 
 
 def fit_directional_noise(
@@ -255,8 +283,9 @@ def calibrate_to_virtual_batch(
     step: int,
     alpha: float | None = None,
     loss_fn: LossFn | None = None,
-) -> DirectionalNoise:
-    """The noise of batch size b along ``vectors_PK``, as the SαS law to inject (α_K, c_inj_K).
+) -> tuple[DirectionalNoise, float]:
+    """The noise of batch size b along ``vectors_PK``, as the SαS law to inject (α_K, c_inj_K), and the
+    share of the batch-b gradient-noise variance those K directions carry (:func:`variance_share`).
 
     M micro-batches of b training examples (indices drawn from the calibration stream of ``seed`` at
     ``step``) are split across the ranks: whole micro-batches per rank for replicated parameters, each
@@ -269,17 +298,29 @@ def calibrate_to_virtual_batch(
     rank, world = rank_and_world()
     mine = list(range(m)) if space.sharded else list(range(rank, m, world))
     share = slice(rank, None, world) if space.sharded else slice(None)
-    projections = microbatch_projections(
+    local = microbatch_projections(
         model,
         (collate_fn([dataset[int(i)] for i in indices[row][share]]) for row in mine),
         space.params,
         space.unpad(vectors_PK),
         loss_fn=loss_fn,
         reduce=space.reduce,
-    ).values_MK
-    if world > 1 and not space.sharded:  # each rank fills its rows; the sum gathers the table everywhere
+    )
+    projections, square_norm_sum, gradient_sum_P = (
+        local.values_MK,
+        local.square_norm_sum,
+        local.gradient_sum_P,
+    )
+    if world > 1 and not space.sharded:  # each rank fills its rows; the sums gather the table everywhere
         table = torch.zeros(m, projections.shape[1], dtype=torch.float64, device=space.device)
         table[mine] = projections.to(table.device)
         projections = sum_over_ranks(table).cpu()
+        square_norm_sum = float(
+            sum_over_ranks(torch.tensor(square_norm_sum, dtype=torch.float64, device=space.device))
+        )
+        gradient_sum_P = sum_over_ranks(gradient_sum_P)
+    share_K = variance_share(projections, square_norm_sum, gradient_sum_P, reduce=space.reduce)
     fit = fit_directional_noise(projections, alpha=alpha)
-    return DirectionalNoise(fit.alpha_K, injected_scale(fit.scale_K, fit.alpha_K, b, physical_batch_size))
+    return DirectionalNoise(
+        fit.alpha_K, injected_scale(fit.scale_K, fit.alpha_K, b, physical_batch_size)
+    ), share_K

@@ -196,7 +196,7 @@ class LevyCallback(TrainerCallback):
         """Fit the noise of batch size b along the new eigenvectors (:func:`calibrate_to_virtual_batch`);
         sets the injected α_K and scales c_inj_K and returns their metrics."""
         start, run, levy = time.perf_counter(), self.run, self.levy
-        run.calibration = calibrate_to_virtual_batch(
+        run.calibration, variance_share = calibrate_to_virtual_batch(
             run.model,
             run.dataset,
             run.collate_fn,
@@ -214,6 +214,7 @@ class LevyCallback(TrainerCallback):
         metrics.update(
             {f"levy/calibrated_scale_{i}": float(c) for i, c in enumerate(run.calibration.scale_K)}
         )
+        metrics["levy/noise_variance_share"] = variance_share  # of the batch-b noise, in the top-K span
         metrics["curvature/calibration_gradients"] = float(levy.calibration_num_microbatches)
         metrics["curvature/calibration_seconds"] = time.perf_counter() - start
         return metrics

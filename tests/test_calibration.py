@@ -20,6 +20,7 @@ from hf_levy.calibration import (
     fit_directional_noise,
     injected_scale,
     microbatch_projections,
+    variance_share,
 )
 from hf_levy.stable import sample_symmetric_stable
 
@@ -245,3 +246,30 @@ def test_a_micro_batch_drawn_twice_ties_whether_or_not_rounding_separates_the_co
     # The copy's pairs with the other rows move by its 4e-7 relative offset: equal far below the outlier's 0.1-0.4.
     torch.testing.assert_close(got.alpha_K, want.alpha_K, rtol=1e-5, atol=0)
     torch.testing.assert_close(got.scale_K, want.scale_K, rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------- variance_share
+def test_variance_share_equals_the_explicit_ratio_of_centred_sums():
+    g = torch.Generator().manual_seed(3)
+    grads_MP = torch.randn(50, 20, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, 20) + 5.0
+    V, _ = torch.linalg.qr(torch.randn(20, 4, generator=g, dtype=torch.float64))
+    centred = grads_MP - grads_MP.mean(dim=0)
+    want = float((centred @ V).square().sum() / centred.square().sum())
+    got = variance_share(grads_MP @ V, float(grads_MP.square().sum()), grads_MP.sum(dim=0))
+    assert got == pytest.approx(want, rel=1e-10)
+    assert 0 < got < 1
+
+
+def test_projections_carry_the_variance_share_of_their_directions():
+    # Every gradient of this problem lies in span(q): all of its variance is in the 3 directions, and the
+    # first two carry the closed-form share of the projections' variances.
+    model, batches, q, eps = problem(2.0, num_batches=40, batch_size=4)
+    proj = microbatch_projections(model, batches, [model.w], q)
+    assert variance_share(proj.values_MK, proj.square_norm_sum, proj.gradient_sum_P) == pytest.approx(
+        1.0, rel=1e-9
+    )
+    expected = -(S_K / 4) * eps.sum(1)  # (M, K) closed-form projections
+    per_direction = (expected - expected.mean(dim=0)).square().sum(dim=0)
+    two = microbatch_projections(model, batches, [model.w], q[:, :2])
+    share = variance_share(two.values_MK, two.square_norm_sum, two.gradient_sum_P)
+    assert share == pytest.approx(float(per_direction[:2].sum() / per_direction.sum()), rel=1e-9)

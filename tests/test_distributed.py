@@ -100,6 +100,8 @@ def test_calibration_under_ddp_gathers_the_single_process_table(tmp_path):
     for r in ranks:
         (got,) = r["first_fitted_alpha"]
         assert got == pytest.approx(expected, rel=1e-3)
+        # the gathered gradient sums give the single-process variance share
+        assert r["first_variance_share"] == [pytest.approx(first["levy/noise_variance_share"], rel=1e-5)]
         assert r["physical_batch_size"] == 4 * 2 * 2  # per device x accumulation x ranks, of 64 examples
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])
 

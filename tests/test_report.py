@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hf_levy.recipes.report import alpha_study, arm_table, capped_warning, verdict
+from hf_levy.recipes.report import alpha_study, arm_table, calibrated_arms, capped_warning, verdict
 
 
 def summary(arm, trainer, batch, steps_to_target, final, basis="hessian", seed=0, epochs=None, seconds=None):
@@ -100,3 +100,18 @@ def test_alpha_study_answers_no_and_needs_a_gaussian_reference():
     assert "slower beyond the seed spread" in text and "No: at every noise level" in text
     assert "Confounded" not in text
     assert alpha_study(study(1.5, 1.0, [1, 2]) + study(1.2, 1.0, [1, 2])) == []
+
+
+def test_calibrated_arms_table_lists_k_steps_ratio_and_variance_share():
+    runs = [
+        summary("stock_small", "stock", 128, 800, 0.95),
+        *[
+            {**summary("calibrated_k16", "levy", 1044, x, 0.95, seed=i), "num_eigenpairs": 16,
+             "levy_virtual_batch_size": 128, "noise_to_grad_ratio": r, "noise_variance_share": 0.3}
+            for i, (x, r) in enumerate([(1200, 0.2), (None, 0.4)])
+        ],
+    ]  # fmt: skip
+    lines = calibrated_arms(runs)
+    assert "| stock_small | 128 | — | — | 1/1 | 800 | — | — |" in lines
+    assert "| calibrated_k16 | 1044 | 128 | 16 | 1/2 | 1200, — | 0.3 ± 0.14 | 0.3 ± 0 |" in lines
+    assert calibrated_arms([summary("stock_small", "stock", 128, 800, 0.95)]) == []

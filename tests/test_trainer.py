@@ -236,6 +236,7 @@ def test_calibration_fits_alpha_and_scales_logs_them_and_resumes_exactly(tmp_pat
     first = next(h for h in full.state.log_history if "loss" in h)
     for key in ("levy/fitted_alpha_0", "levy/calibrated_scale_1", "curvature/calibration_gradients"):
         assert key in first, key
+    assert 0 < first["levy/noise_variance_share"] < 1  # 2 of ~2,000 directions carry part of the noise
     assert first["curvature/calibration_gradients"] == 32
     saved = load_file(str(tmp_path / "full" / "checkpoint-3" / "levy_state.safetensors"))
     assert "calibrated_alpha" in saved and "calibrated_scale" in saved

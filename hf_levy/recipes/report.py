@@ -74,6 +74,7 @@ def build_report(run_dir: str | pathlib.Path) -> pathlib.Path:
         "",
         *capped_warning(summaries),
         *alpha_study(summaries),
+        *calibrated_arms(summaries),
         "## Per arm and seed",
         "",
         *seed_table(summaries),
@@ -214,6 +215,33 @@ def alpha_study(summaries: list[dict[str, Any]], max_truncated: float = 0.05) ->
         lines.append(
             f"Confounded: the cap or the clip acted on more than {max_truncated:.0%} of the steps or draws in "
             f"{listed}; raise levy_max_noise_ratio and levy_clip so that the tail, not the truncation, is measured."
+        )
+    return [*lines, ""]
+
+
+def calibrated_arms(summaries: list[dict[str, Any]]) -> list[str]:
+    """Calibrated arms (levy_virtual_batch_size) next to the stock arms: steps to target per seed, the
+    injected noise relative to the gradient, and the share of the batch-b noise variance in the K directions."""
+    groups = by_arm(summaries)
+    calibrated = [a for a, g in groups.items() if g[0].get("levy_virtual_batch_size") is not None]
+    if not calibrated:
+        return []
+    stock = [a for a, g in groups.items() if g[0]["trainer"] == "stock"]
+    lines = [
+        "## Calibrated arms (noise of a virtual batch b in the top-K directions)",
+        "",
+        "| arm | batch | b | K | reached target | steps to target (per seed) | ‖ξ‖/‖g‖ (median) | variance share in top-K |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for arm in stock + calibrated:
+        group = groups[arm]
+        first = group[0]
+        steps = [s["steps_to_target"] for s in group]
+        per_seed = ", ".join("—" if x is None else f"{x:.0f}" for x in steps)
+        lines.append(
+            f"| {arm} | {first['global_batch_size']} | {_fmt(first.get('levy_virtual_batch_size'))} "
+            f"| {_fmt(first.get('num_eigenpairs'))} | {sum(x is not None for x in steps)}/{len(group)} | {per_seed} "
+            f"| {_mean_std(_values(group, 'noise_to_grad_ratio'))} | {_mean_std(_values(group, 'noise_variance_share'))} |"
         )
     return [*lines, ""]
 

@@ -11,6 +11,7 @@ import json
 import math
 import pathlib
 import shutil
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -191,10 +192,22 @@ def summarize(
         "sketch_seconds": sketch_seconds,
         "sketch_share": sketch_seconds / runtime if runtime and math.isfinite(runtime) else None,
         # LevyCallback's whole-run shares: steps whose noise norm the cap set, α-stable draws the clip cut
+        "num_eigenpairs": config.num_eigenpairs if recipe.arms[arm].trainer == "levy" else None,
+        "levy_virtual_batch_size": config.levy_virtual_batch_size
+        if recipe.arms[arm].trainer == "levy"
+        else None,
+        # medians over the logging windows and calibrations of the run (None without noise or calibration)
+        "noise_to_grad_ratio": _median(history, "levy/noise_to_grad_ratio"),
+        "noise_variance_share": _median(history, "levy/noise_variance_share"),
         "capped_fraction": run_end.get("levy/run_capped_fraction"),
         "clipped_fraction": run_end.get("levy/run_clipped_fraction"),
         "target": {"metric": metric, "value": recipe.target.value},
     }
+
+
+def _median(history: list[dict[str, Any]], key: str) -> float | None:
+    values = [h[key] for h in history if key in h]
+    return statistics.median(values) if values else None
 
 
 def compare(

@@ -83,6 +83,11 @@ def main() -> None:
             "noise_draws": trainer.levy_callback.noise_draws,
             "physical_batch_size": trainer.levy_callback.run.physical_batch_size,
             "refreshed": refreshed,
+            "first_variance_share": [
+                h["levy/noise_variance_share"]
+                for h in trainer.state.log_history
+                if "levy/noise_variance_share" in h
+            ][:1],
             "first_fitted_alpha": [
                 [h[key] for key in sorted(h) if key.startswith("levy/fitted_alpha_")]
                 for h in trainer.state.log_history
