@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test lint recipe clean
+.PHONY: help install test test-fast lint recipe clean
 
 RECIPE ?= recipes/modular_addition.yaml
 
@@ -25,6 +25,9 @@ install: $(STAMP)  ## create .venv/ and install hf_levy editable with its dev an
 
 test: $(STAMP)  ## install if needed, then run the test suite
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)  ## the inner loop: every test not marked slow (multi-process, end-to-end, subprocess imports)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
 
 recipe: $(STAMP)  ## train the default recipe's arms (stock Trainer vs LevyTrainer) and write the report
 	OMP_NUM_THREADS=1 $(BIN)/hf-levy compare --config $(RECIPE)

@@ -101,6 +101,7 @@ def test_every_command_has_a_useful_help(capsys):
         assert len(capsys.readouterr().out) > 200
 
 
+@pytest.mark.slow
 def test_compare_on_the_default_recipe_runs_end_to_end_and_resumes(tmp_path, capsys):
     run_dir = tmp_path / "run"
     flags = ["--max_steps", "4", "--eval_steps", "2", "--logging_steps", "2", "--sketch_batch_size", "32"]
