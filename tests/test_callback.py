@@ -75,15 +75,3 @@ def test_deepspeed_is_refused_with_the_alternatives_named():
 
     with pytest.raises(ValueError, match="DeepSpeed.*DDP.*FSDP"):
         LevyCallback(LevyArguments()).attach(SimpleNamespace(is_deepspeed_enabled=True))
-
-
-def test_examples_per_batch_prefers_the_prepared_loader_and_falls_back_to_the_arguments():
-    from types import SimpleNamespace
-
-    from hf_levy.run_state import examples_per_batch
-
-    args = SimpleNamespace(per_device_train_batch_size=8, world_size=2)
-    # Accelerate's loader knows the batch actually used (auto_find_batch_size may have halved it).
-    assert examples_per_batch(SimpleNamespace(total_batch_size=4), args) == 4
-    assert examples_per_batch(torch.utils.data.DataLoader(range(10), batch_size=3), args) == 16
-    assert examples_per_batch(SimpleNamespace(total_batch_size=None), args) == 16

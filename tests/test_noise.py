@@ -6,13 +6,11 @@ import torch
 
 from hf_levy import sample_symmetric_stable
 from hf_levy.noise import (
-    NoiseDraw,
     curvature_weights,
     isotropic_noise,
     noise_coefficients,
     step_noise,
 )
-from hf_levy.noise_tally import NoiseTally
 from hf_levy.rng import step_generator
 
 
@@ -83,21 +81,6 @@ def test_draw_reports_the_clipped_draws_and_whether_the_cap_bound():
         torch.testing.assert_close(draw.coef_K, expected, rtol=1e-12, atol=0)
     off = noise_coefficients(scales, 0.9, step_generator(0, 4), clip=None, max_norm=None)
     assert off.num_clipped == 0 and not off.capped
-
-
-def test_tally_fractions_and_means_over_known_draws():
-    tally = NoiseTally()
-    coef = torch.zeros(4, dtype=torch.float64)
-    # (capped, clipped draws of 4, ‖ξ‖, ‖g‖)
-    steps = [(True, 1, 2.0, 2.0), (False, 0, 1.0, 4.0), (True, 3, 3.0, 1.0), (True, 0, 0.5, 0.0)]
-    for capped, clipped, noise_norm, grad_norm in steps:
-        tally.add(NoiseDraw(coef, clipped, capped), noise_norm, grad_norm)
-    metrics = tally.metrics()
-    assert metrics["levy/capped_fraction"] == 0.75
-    assert metrics["levy/clipped_fraction"] == 4 / 16
-    assert metrics["levy/noise_norm"] == (2.0 + 1.0 + 3.0 + 0.5) / 4
-    assert metrics["levy/noise_to_grad_ratio"] == (1.0 + 0.25 + 3.0 + 0.0) / 4
-    assert NoiseTally().metrics() == {}
 
 
 def test_step_noise_is_a_pure_function_of_its_inputs():
