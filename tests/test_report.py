@@ -82,12 +82,13 @@ def test_alpha_study_says_faster_only_when_every_seed_beats_every_gaussian_seed(
     ]
     text = "\n".join(alpha_study(runs))
     assert (
-        "| 1 | 1.5 | 3/3 | 500, 590, 550 | 547 ± 45 | 0 ± 0 | 0 ± 0 | faster beyond the seed spread |" in text
+        "| 1 | 1.5 | 3/3 | 500, 590, 550 | 547 ± 45 | — | 0 ± 0 | 0 ± 0 | faster beyond the seed spread |"
+        in text
     )
-    assert "| 1 | 1.2 | 3/3 | 500, 600, 550 | 550 ± 50 | 0 ± 0 | 0 ± 0 | within the seed spread |" in text
+    assert "| 1 | 1.2 | 3/3 | 500, 600, 550 | 550 ± 50 | — | 0 ± 0 | 0 ± 0 | within the seed spread |" in text
     assert "| 0.3 | 2 | 2/3 | 900, 950, — |" in text
     assert (
-        "| 0.3 | 1.8 | 3/3 | 1000, 1100, 1200 | 1.1e+03 ± 1e+02 | 0.2 ± 0 | 0 ± 0 | within the seed spread |"
+        "| 0.3 | 1.8 | 3/3 | 1000, 1100, 1200 | 1.1e+03 ± 1e+02 | — | 0.2 ± 0 | 0 ± 0 | within the seed spread |"
         in text
     )
     assert "Yes: α = 1.5 at levy_scale 1 reached" in text
