@@ -1,14 +1,20 @@
-"""The ``hf-levy`` command: train one arm of a recipe, compare all its arms, rebuild a report.
+"""The ``hf-levy`` command: list and copy the shipped recipes, train one arm of a recipe, compare all its
+arms, rebuild a report.
 
-hf-levy train   --config recipes/X.yaml [--arm NAME] [--seed N] [--output_dir DIR] [--<field> VALUE ...]
-hf-levy compare --config recipes/X.yaml [--seeds 0,1,2] [--arms a,b] [--output_dir DIR] [--<field> VALUE ...]
+hf-levy ls
+hf-levy cp      NAME DEST.yaml
+hf-levy train   --config NAME|FILE [--arm NAME] [--seed N] [--output_dir DIR] [--<field> VALUE ...]
+hf-levy compare --config NAME|FILE [--seeds 0,1,2] [--arms a,b] [--output_dir DIR] [--<field> VALUE ...]
 hf-levy report  RUN_DIR
+
+``--config`` takes a file or a shipped recipe's name; a file wins (:mod:`hf_levy.recipes.catalog`).
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
+import shutil
 import sys
 from collections.abc import Sequence
 
@@ -17,8 +23,16 @@ from hf_levy import __version__
 FIELDS_HELP = (
     "Any LevyConfig / TrainingArguments field can follow as --<field> VALUE (e.g. --learning_rate 3e-4 "
     "--levy_alpha 1.2); it overrides the recipe for every arm run. Layering: defaults < recipe YAML < flags. "
-    'Unknown fields are errors. The fields and their help: python -c "from transformers import '
+    "A bare --<bool field> means true (--bf16). Unknown fields and values of the wrong type are errors. "
+    'The fields and their help: python -c "from transformers import '
     'HfArgumentParser; from hf_levy import LevyConfig; HfArgumentParser(LevyConfig).print_help()"'
+)
+CONFIG_HELP = (
+    "a shipped recipe's name (hf-levy ls lists them) or a recipe YAML file; a file of that name wins"
+)
+TRUST_HELP = (
+    "let the recipe's model run code from outside the installed packages (trust_remote_code, use_kernels, "
+    "a hub kernel as attn_implementation, weights_only: false), which recipes are refused otherwise"
 )
 
 
@@ -27,11 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hf-levy",
         description=(
             "hf_levy: fine-tune Hugging Face models with large batches plus Hessian-shaped α-stable gradient "
-            "noise, and compare against the stock Trainer on recipes (recipes/*.yaml)."
+            "noise, and compare against the stock Trainer on recipes (hf-levy ls lists the shipped ones)."
         ),
     )
     parser.add_argument("--version", action="version", version=f"hf-levy {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    commands.add_parser(
+        "ls",
+        help="list the shipped recipes with their purpose and expected runtime",
+        description="List the recipes shipped with hf_levy: name, expected runtime and purpose (their headers).",
+    )
+    copy = commands.add_parser(
+        "cp",
+        help="copy a shipped recipe to a file, to edit it",
+        description="Copy a shipped recipe to DEST (a file, or a folder to put NAME.yaml in); never overwrites.",
+    )
+    copy.add_argument("name", help="a shipped recipe's name (hf-levy ls)")
+    copy.add_argument("dest", help="the new file, e.g. my_recipe.yaml")
 
     train = commands.add_parser(
         "train",
@@ -39,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one arm of a recipe and write its logs, config and summary.",
         epilog=FIELDS_HELP,
     )
-    train.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/modular_addition.yaml")
+    train.add_argument("--config", required=True, help=CONFIG_HELP)
+    train.add_argument("--trust_remote_code", action="store_true", help=TRUST_HELP)
     train.add_argument("--arm", help="arm to train (default: the recipe's first LevyTrainer arm)")
     train.add_argument(
         "--seed", type=int, default=None, help="training seed (default: the recipe's first seed)"
@@ -50,12 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="train every arm of a recipe and write the comparison report",
         description=(
-            "Train every arm of a recipe (for every seed), skipping arms already finished in the run "
-            "directory, then write report.md and plots/ there."
+            "Train every arm of a recipe (for every seed), then write report.md and plots/ in the run directory. "
+            "An arm finished there with the same resolved config is kept; one left unfinished resumes from its "
+            "last checkpoint (if it saves any); one whose config changed trains again from step 0."
         ),
         epilog=FIELDS_HELP,
     )
-    compare.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/modular_addition.yaml")
+    compare.add_argument("--config", required=True, help=CONFIG_HELP)
+    compare.add_argument("--trust_remote_code", action="store_true", help=TRUST_HELP)
     compare.add_argument("--seeds", help="comma-separated seeds (default: the recipe's seeds), e.g. 0,1,2")
     compare.add_argument("--arms", help="comma-separated arms to run (default: all)")
     compare.add_argument("--output_dir", help="run directory (default: runs/<recipe name>)")
@@ -70,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
             "intervals. Writes tail_index.md (table) and tail_index.png (α̂ against batch size)."
         ),
     )
-    tail.add_argument("--config", required=True, help="recipe YAML whose task and model are measured")
+    tail.add_argument(
+        "--config", required=True, help=f"the recipe whose task and model are measured: {CONFIG_HELP}"
+    )
+    tail.add_argument("--trust_remote_code", action="store_true", help=TRUST_HELP)
     tail.add_argument(
         "--batch-sizes", default="1,4,16,64,256", help="comma-separated batch sizes (default 1,4,16,64,256)"
     )
@@ -110,8 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command in ("report", "tail-index") and extra:
+    if args.command not in ("train", "compare") and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in ("ls", "cp"):
+        return _catalog_command(args)
     # Heavy imports only once a command runs, so --help answers at once.
     from hf_levy.recipes.recipe import RecipeError, load_recipe, parse_overrides
 
@@ -134,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 num_batches=args.num_batches,
                 num_eigenpairs=args.num_eigenpairs,
                 seed=args.seed,
+                trust_remote_code=args.trust_remote_code,
             )
             print(table.read_text())
             print(f"table: {table}\nplot: {plot}")
@@ -147,7 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 (a for a, spec in recipe.arms.items() if spec.trainer == "levy"), next(iter(recipe.arms))
             )
             seed = args.seed if args.seed is not None else recipe.seeds[0]
-            summary = train_arm(recipe, arm, run_dir, seed, overrides)
+            summary = train_arm(
+                recipe, arm, run_dir, seed, overrides, trust_remote_code=args.trust_remote_code
+            )
             print(f"{arm} seed {seed}: {summary}")
             return 0
         from hf_levy.recipes.report import build_report
@@ -158,12 +196,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             seeds=_int_list(args.seeds, "seeds"),
             arms=args.arms.split(",") if args.arms else None,
             overrides=overrides,
+            trust_remote_code=args.trust_remote_code,
         )
         print(f"report: {build_report(run_dir)}")
         return 0
     except (RecipeError, FileNotFoundError) as err:
         print(f"hf-levy: error: {err}", file=sys.stderr)
         return 2
+
+
+def _catalog_command(args: argparse.Namespace) -> int:
+    """``ls`` and ``cp``: they read the shipped files only, so they answer without loading transformers."""
+    from hf_levy.recipes import catalog
+
+    if args.command == "ls":
+        print(catalog.listing())
+        return 0
+    recipes = catalog.shipped()
+    if args.name not in recipes:
+        try:
+            catalog.resolve(args.name)  # the message with the names and the closest one
+        except FileNotFoundError as err:
+            print(f"hf-levy: error: {err}", file=sys.stderr)
+            return 2
+        print(f"hf-levy: error: cp copies a shipped recipe by name; {args.name!r} is a file", file=sys.stderr)
+        return 2
+    dest = pathlib.Path(args.dest)
+    if dest.is_dir():
+        dest = dest / f"{args.name}.yaml"
+    if dest.exists():
+        print(f"hf-levy: error: {dest} exists; cp never overwrites, choose another name", file=sys.stderr)
+        return 2
+    shutil.copyfile(recipes[args.name], dest)
+    print(f"{dest}: a copy of the recipe {args.name}; run it with hf-levy compare --config {dest}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -7,30 +7,41 @@ seed, ``summary.json``, ``log_history.json``, ``timeline.json``) and writes ``re
 
 from __future__ import annotations
 
-import json
 import pathlib
+import shlex
 import statistics
+import warnings
 from collections import defaultdict
 from typing import Any
 
+from hf_levy.recipes.arm_files import read_json, write_text
 from hf_levy.recipes.plots import make_plots
 from hf_levy.recipes.recipe import load_recipe
 
 REPORT = "report.md"
+RUN_FILES = {"summary": "summary", "history": "log_history", "timeline": "timeline"}
 
 
 def load_runs(run_dir: pathlib.Path) -> list[dict[str, Any]]:
-    """Every finished (arm, seed) with its summary, log history and timeline, in directory order."""
+    """Every finished (arm, seed) with its summary, log history and timeline, in directory order.
+
+    An arm whose files are missing or not valid JSON (a write cut short) is not finished: it is left out
+    with a warning naming the file, and ``hf-levy compare`` trains it again.
+    """
     runs = []
     for summary_path in sorted(run_dir.glob("*/seed*/summary.json")):
         folder = summary_path.parent
-        runs.append(
-            {
-                "summary": json.loads(summary_path.read_text()),
-                "history": json.loads((folder / "log_history.json").read_text()),
-                "timeline": json.loads((folder / "timeline.json").read_text()),
-            }
-        )
+        files = {key: folder / f"{name}.json" for key, name in RUN_FILES.items()}
+        run = {key: read_json(path) for key, path in files.items()}
+        unreadable = [str(path) for key, path in files.items() if run[key] is None]
+        if unreadable:
+            warnings.warn(
+                f"left out of the report, unfinished: {', '.join(unreadable)} missing or not valid JSON "
+                "(`hf-levy compare` trains that arm again)",
+                stacklevel=2,
+            )
+            continue
+        runs.append(run)
     return runs
 
 
@@ -43,8 +54,8 @@ def build_report(run_dir: str | pathlib.Path) -> pathlib.Path:
             f"{run_dir} holds no recipe.yaml: is it a directory written by `hf-levy compare`?"
         )
     recipe = load_recipe(recipe_path)
-    run_info = run_dir / "run.json"
-    name = json.loads(run_info.read_text())["recipe"] if run_info.is_file() else recipe.name
+    run_info = read_json(run_dir / "run.json")
+    name = run_info["recipe"] if isinstance(run_info, dict) else recipe.name
     runs = load_runs(run_dir)
     if not runs:
         raise FileNotFoundError(
@@ -75,6 +86,7 @@ def build_report(run_dir: str | pathlib.Path) -> pathlib.Path:
         *capped_warning(summaries),
         *alpha_study(summaries),
         *calibrated_arms(summaries),
+        *overrides_section(summaries),
         "## Per arm and seed",
         "",
         *seed_table(summaries),
@@ -85,7 +97,7 @@ def build_report(run_dir: str | pathlib.Path) -> pathlib.Path:
         "",
     ]
     path = run_dir / REPORT
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path
 
 
@@ -254,11 +266,35 @@ def calibrated_arms(summaries: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def overrides_section(summaries: list[dict[str, Any]]) -> list[str]:
+    """The command-line flags that overrode the recipe, in full: one line when every run had the same."""
+    flags = {
+        (s["arm"], s["seed"]): (
+            "not recorded (run before the flags were kept)"
+            if "overrides" not in s
+            else " ".join(f"--{key} {shlex.quote(str(value))}" for key, value in s["overrides"].items())
+            or "none"
+        )
+        for s in summaries
+    }
+    lines = ["## Command-line overrides", ""]
+    if len(set(flags.values())) == 1:
+        lines.append(f"Every arm and seed: {_code(next(iter(flags.values())))}.")
+    else:
+        lines += ["| arm | seed | flags |", "|---|---:|---|"]
+        lines += [f"| {arm} | {seed} | {_code(text)} |" for (arm, seed), text in flags.items()]
+    return [*lines, ""]
+
+
+def _code(flags: str) -> str:
+    return f"`{flags}`" if flags.startswith("--") else flags
+
+
 def seed_table(summaries: list[dict[str, Any]]) -> list[str]:
     keys = [
         "arm", "seed", "steps", "final_metric", "best_metric", "final_train_loss", "steps_to_target",
         "epochs_to_target", "seconds_to_target", "train_runtime", "samples_per_second", "sketch_share",
-        "capped_fraction", "clipped_fraction",
+        "capped_fraction", "clipped_fraction", "resumed_from_step",
     ]  # fmt: skip
     rows = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     rows += ["| " + " | ".join(_fmt(s.get(k)) for k in keys) + " |" for s in summaries]

@@ -1,13 +1,13 @@
 """Run a recipe's arms: one arm (``hf-levy train``) or all of them, resumably (``hf-levy compare``).
 
-Each arm and seed writes into ``RUN_DIR/<arm>/seed<k>/``: ``config.json`` (the resolved config),
-``log_history.json`` (the Trainer's logs), ``timeline.json`` (wall-clock seconds at each log) and
-``summary.json`` (the numbers the report compares). An arm whose ``summary.json`` exists is not rerun.
+Each arm and seed writes into ``RUN_DIR/<arm>/seed<k>/``: ``config.json`` (the resolved config, written
+before training starts), ``log_history.json`` (the Trainer's logs), ``timeline.json`` (training seconds at
+each log) and ``summary.json`` (the numbers the report compares, written last). Whether an arm is kept,
+resumed from its last checkpoint or trained again is :func:`hf_levy.recipes.arm_files.arm_state`'s answer.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 import shutil
@@ -18,9 +18,21 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_levy.recipes import tasks
-from hf_levy.recipes.recipe import Recipe, RecipeError, Target, arm_config
+from hf_levy.recipes.arm_files import (
+    CONFIG,
+    SUMMARY,
+    TRACKER,
+    arm_record,
+    arm_state,
+    last_checkpoint,
+    read_json,
+    write_json,
+    write_text,
+)
+from hf_levy.recipes.recipe import Recipe, RecipeError, Target, arm_config, code_keys
 from hf_levy.trainer import LevyTrainer
 
 # Task builders a recipe can name (recipes are data, so the name must map to code somewhere).
@@ -32,20 +44,22 @@ TASKS: dict[str, Callable[..., tasks.Task]] = {
     "sentiment_templates": tasks.sentiment_templates,
     "hub_causal_lm": tasks.hub_causal_lm,
 }
-SUMMARY = "summary.json"
 
 
 class TargetTracker(TrainerCallback):
     """Records training seconds at every log and the first step whose eval metric reaches the target.
 
     Training seconds are wall-clock since training began minus the evaluations' own runtime (``eval_runtime``),
-    so arms that evaluate at different intervals compare by what their training cost.
+    so arms that evaluate at different intervals compare by what their training cost. Its state goes into
+    every checkpoint (``target_tracker.json``), so that a resumed arm counts on from there.
     """
 
     def __init__(self, target: Target):
         self.target = target
         self.start = time.perf_counter()
         self.eval_seconds = 0.0
+        self.seconds_before = 0.0  # training and wall-clock seconds of the sessions before a resume
+        self.wall_before = 0.0
         self.timeline: list[dict[str, float]] = []
         self.reached: dict[str, float] | None = None
 
@@ -53,10 +67,27 @@ class TargetTracker(TrainerCallback):
         self.start = time.perf_counter()
 
     def training_seconds(self) -> float:
-        return time.perf_counter() - self.start - self.eval_seconds
+        return self.seconds_before + time.perf_counter() - self.start - self.eval_seconds
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "training_seconds": self.training_seconds(),
+            "wall_seconds": self.wall_before + time.perf_counter() - self.start,
+            "timeline": self.timeline,
+            "reached": self.reached,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seconds_before, self.wall_before = state["training_seconds"], state["wall_seconds"]
+        self.timeline, self.reached = state["timeline"], state["reached"]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.timeline.append({"step": state.global_step, "seconds": self.training_seconds()})
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = pathlib.Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            write_json(folder / TRACKER, self.state_dict())
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         runtimes = [v for k, v in (metrics or {}).items() if k.endswith("_runtime") and isinstance(v, float)]
@@ -88,11 +119,29 @@ def build_task(recipe: Recipe) -> tasks.Task:
     return TASKS[name](**spec)
 
 
-def build_recipe_model(recipe: Recipe, task: tasks.Task, seed: int, checkpoint: str | None = None) -> Any:
+def build_recipe_model(
+    recipe: Recipe,
+    task: tasks.Task,
+    seed: int,
+    checkpoint: str | None = None,
+    *,
+    trust_remote_code: bool = False,
+) -> Any:
     """The recipe's model: built from its config (seeded), or ``pretrained`` (a hub id, a folder, or
-    ``package:NAME``) loaded with the remaining keys, optionally wrapped with LoRA adapters (``lora``)."""
+    ``package:NAME``) loaded with the remaining keys, optionally wrapped with LoRA adapters (``lora``).
+
+    Raises:
+        RecipeError: the ``model`` keys would run code (:func:`recipe.code_keys`) and ``trust_remote_code``
+            is False; nothing has been loaded then.
+    """
     import transformers
 
+    risky = code_keys(recipe.model)
+    if risky and not trust_remote_code:
+        raise RecipeError(
+            f"{recipe.path}: model {'; '.join(risky)}. Recipes are data, so this runs only when the command "
+            "line opts in: add --trust_remote_code (after reading the code it will run)"
+        )
     spec = dict(recipe.model)
     architecture = spec.pop("architecture", "LlamaForCausalLM")
     pretrained, lora = spec.pop("pretrained", None), spec.pop("lora", None)
@@ -115,17 +164,38 @@ def build_recipe_model(recipe: Recipe, task: tasks.Task, seed: int, checkpoint: 
 
 
 def train_arm(
-    recipe: Recipe, arm: str, run_dir: str | pathlib.Path, seed: int, overrides: dict[str, str] | None = None
+    recipe: Recipe,
+    arm: str,
+    run_dir: str | pathlib.Path,
+    seed: int,
+    overrides: dict[str, str] | None = None,
+    *,
+    task: tasks.Task | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Train one arm with one seed and write its files; returns the summary."""
+    """Train one arm with one seed and write its files; returns the summary.
+
+    An arm left unfinished with the same resolved config resumes from its last complete checkpoint; files of
+    another config (or of a finished run: ``hf-levy train`` trains again) are removed first (see
+    :func:`arm_state`). ``task`` is the recipe's task when the caller already built it.
+    """
     keep_recipe(recipe, run_dir)
     out = arm_dir(run_dir, arm, seed)
-    task = build_task(recipe)
+    task = task or build_task(recipe)
     config = arm_config(
         recipe, arm, output_dir=str(out), seed=seed, train_size=len(task.train_dataset), overrides=overrides
     )
-    model = build_recipe_model(recipe, task, seed)
+    record = arm_record(recipe, arm, config)
+    model = build_recipe_model(recipe, task, seed, trust_remote_code=trust_remote_code)
+    state, _ = arm_state(out, record)
+    checkpoint = last_checkpoint(out) if state == "interrupted" else None
+    if state in ("stale", "finished"):
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / CONFIG, record)
     tracker = TargetTracker(recipe.target)
+    if checkpoint is not None:
+        tracker.load_state_dict(read_json(checkpoint / TRACKER))
     trainer_class = LevyTrainer if recipe.arms[arm].trainer == "levy" else Trainer
     trainer = trainer_class(
         model=model,
@@ -137,17 +207,14 @@ def train_arm(
         preprocess_logits_for_metrics=task.preprocess_logits_for_metrics,
         callbacks=[tracker],
     )
-    result = trainer.train()
-    out.mkdir(parents=True, exist_ok=True)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     history = trainer.state.log_history
     summary = summarize(recipe, arm, seed, config, history, tracker, result.metrics)
-    _write(
-        out / "config.json",
-        {**config.to_dict(), "trainer": recipe.arms[arm].trainer, "task": recipe.task, "model": recipe.model},
-    )
-    _write(out / "log_history.json", history)
-    _write(out / "timeline.json", tracker.timeline)
-    _write(out / SUMMARY, summary)
+    summary["resumed_from_step"] = int(checkpoint.name.rpartition("-")[2]) if checkpoint else None
+    summary["overrides"] = dict(overrides or {})
+    write_json(out / "log_history.json", history)
+    write_json(out / "timeline.json", tracker.timeline)
+    write_json(out / SUMMARY, summary)
     return summary
 
 
@@ -166,7 +233,8 @@ def summarize(
     batch = (
         config.per_device_train_batch_size * config.gradient_accumulation_steps * max(1, config.world_size)
     )
-    runtime = train_metrics.get("train_runtime", float("nan"))
+    # this session's runtime plus, for a resumed arm, the sessions before it
+    runtime = train_metrics.get("train_runtime", float("nan")) + tracker.wall_before
     # LevyCallback's running total: every refresh and calibration, also those between two logs.
     sketch_seconds = max((h.get("curvature/sketch_seconds_total", 0.0) for h in history), default=0.0)
     reached = tracker.reached
@@ -217,26 +285,41 @@ def compare(
     seeds: list[int] | None = None,
     arms: list[str] | None = None,
     overrides: dict[str, str] | None = None,
+    trust_remote_code: bool = False,
     progress: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Train every (arm, seed) not yet finished in ``run_dir``; returns all summaries."""
+    """Train every (arm, seed) of ``run_dir`` not finished with its resolved config now; returns all summaries.
+
+    Each arm's state (:func:`arm_state`) is printed: kept, resumed from a checkpoint, or trained again and why.
+    """
     seeds = seeds if seeds is not None else recipe.seeds
     arms = arms or list(recipe.arms)
     for name in arms:
         if name not in recipe.arms:
             raise RecipeError(f"{recipe.path}: no arm {name!r}; arms: {sorted(recipe.arms)}")
     keep_recipe(recipe, run_dir)
+    task = build_task(recipe)
     summaries = []
     jobs = [(arm, seed) for seed in seeds for arm in arms]
     for i, (arm, seed) in enumerate(jobs, 1):
-        path = arm_dir(run_dir, arm, seed) / SUMMARY
-        if path.is_file():
-            progress(f"[{i}/{len(jobs)}] {arm} seed {seed}: already done, kept")
-            summaries.append(json.loads(path.read_text()))
+        folder = arm_dir(run_dir, arm, seed)
+        config = arm_config(
+            recipe,
+            arm,
+            output_dir=str(folder),
+            seed=seed,
+            train_size=len(task.train_dataset),
+            overrides=overrides,
+        )
+        state, why = arm_state(folder, arm_record(recipe, arm, config))
+        progress(f"[{i}/{len(jobs)}] {arm} seed {seed}: {why}")
+        if state == "finished":
+            summaries.append(read_json(folder / SUMMARY))
             continue
-        progress(f"[{i}/{len(jobs)}] {arm} seed {seed}: training")
         start = time.perf_counter()
-        summaries.append(train_arm(recipe, arm, run_dir, seed, overrides))
+        summaries.append(
+            train_arm(recipe, arm, run_dir, seed, overrides, task=task, trust_remote_code=trust_remote_code)
+        )
         progress(f"[{i}/{len(jobs)}] {arm} seed {seed}: done in {time.perf_counter() - start:.0f} s")
     return summaries
 
@@ -251,6 +334,7 @@ def tail_index_report(
     num_eigenpairs: int = 4,
     sketch_batch_size: int = 256,
     seed: int = 0,
+    trust_remote_code: bool = False,
 ) -> tuple[pathlib.Path, pathlib.Path]:
     """``hf-levy tail-index``: α̂ of the gradient noise against batch size, pooled and per eigen-direction.
 
@@ -272,7 +356,7 @@ def tail_index_report(
         raise FileNotFoundError(
             f"checkpoint {checkpoint!r} is not a directory (a checkpoint-N folder of a run)"
         )
-    model = build_recipe_model(recipe, task, seed, checkpoint=checkpoint)
+    model = build_recipe_model(recipe, task, seed, checkpoint=checkpoint, trust_remote_code=trust_remote_code)
     params = trainable_parameters(model)
     dataset, collate = task.train_dataset, task.data_collator
     if max(batch_sizes) > len(dataset):
@@ -313,18 +397,11 @@ def tail_index_report(
 
 
 def keep_recipe(recipe: Recipe, run_dir: str | pathlib.Path) -> None:
-    """Copy the recipe into ``run_dir`` so that ``hf-levy report RUN_DIR`` needs nothing else."""
+    """Copy the recipe into ``run_dir`` so that ``hf-levy report RUN_DIR`` needs nothing else.
+
+    The copy follows the recipe: after an edit, each arm's recorded config decides what trains again.
+    """
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    copy = run_dir / "recipe.yaml"
-    if not copy.is_file() or copy.read_text() != recipe.path.read_text():
-        if copy.is_file() and any(run_dir.glob("*/seed*/summary.json")):
-            raise RecipeError(
-                f"{run_dir} holds finished arms of a different recipe.yaml; use another --output_dir or delete it"
-            )
-        shutil.copyfile(recipe.path, copy)
-    (run_dir / "run.json").write_text(json.dumps({"recipe": recipe.name, "source": str(recipe.path)}))
-
-
-def _write(path: pathlib.Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=1, default=str))
+    write_text(run_dir / "recipe.yaml", recipe.path.read_text())
+    write_json(run_dir / "run.json", {"recipe": recipe.name, "source": str(recipe.path)})
