@@ -69,11 +69,16 @@ def header_fields(path: pathlib.Path) -> dict[str, str]:
 
 
 def listing() -> str:
-    """``hf-levy ls``: one line per shipped recipe with its expected runtime and its purpose."""
+    """``hf-levy ls``: each shipped recipe's name and purpose, then its expected runtime (up to its first
+    parenthesis, where the headers keep how it was measured)."""
     rows = [(name, header_fields(path)) for name, path in shipped().items()]
     width = max(len(name) for name, _ in rows)
-    lines = [f"{'name':<{width}}  runtime / purpose"]
+    lines = []
     for name, fields in rows:
-        lines.append(f"{name:<{width}}  {fields.get('runtime', '?')}")
-        lines.append(f"{'':<{width}}  {fields.get('purpose', '?')}")
+        runtime = fields.get("runtime", "not stated").split(" (")[0]
+        lines += [
+            f"{name:<{width}}  {fields.get('purpose', '(no purpose line)')}",
+            f"{'':<{width}}  runtime: {runtime}",
+        ]
+    lines.append("\nRun one: hf-levy compare --config NAME. Edit a copy: hf-levy cp NAME my_recipe.yaml.")
     return "\n".join(lines)
