@@ -17,23 +17,19 @@ Legend: P trainable parameters (flat; this rank's padded piece under FSDP), K ei
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from typing import Any
 
-import torch
 from torch import Tensor
 from transformers import TrainerCallback
 
-from hf_levy import rng
 from hf_levy.calibration import calibrate_to_virtual_batch
 from hf_levy.config import LevyArguments
 from hf_levy.hvp import DoubleBackwardError, LossFn
 from hf_levy.levy_state import load_levy_state, save_levy_state
-from hf_levy.noise import step_noise
+from hf_levy.noise_step import add_step_noise
 from hf_levy.params import rank_and_world
-from hf_levy.rng import step_generator
 from hf_levy.run_state import LevyRun, start_run
 from hf_levy.run_warnings import warn_if_mostly_capped, warn_if_unconverged
 from hf_levy.sketch_hvp import sketch_batch, sketch_matvec
@@ -220,45 +216,7 @@ class LevyCallback(TrainerCallback):
         return metrics
 
     def add_noise(self, step: int) -> None:
-        """g ← g + ξ with ξ = V · coef (see :func:`hf_levy.noise.step_noise`); skipped when ‖g‖ is not finite."""
-        run, levy = self.run, self.levy
-        if all(p.grad is None for p in run.params):
-            return
-        # The only host sync of the step: the noise scale and its cap are relative to ‖g‖.
-        grad_norm = run.space.grad_norm()
-        if not math.isfinite(grad_norm):
-            run.skipped_nonfinite += 1  # fp16 overflow: the optimizer skips this step, so no noise either
-            return
-        calibration = run.calibration
-        pre_clip = (
-            self._pre_clip_norm if calibration is not None else None
-        )  # read only where used: a host sync
-        if pre_clip is not None and hasattr(pre_clip, "full_tensor"):  # FSDP2: a replicated DTensor
-            pre_clip = pre_clip.full_tensor()
-        draw = step_noise(
-            grad_norm,
-            run.sketch.values_K,
-            step_generator(run.seed + rng.NOISE, step),
-            levy_scale=levy.levy_scale,
-            scale_mode=levy.levy_scale_mode,
-            alpha=levy.levy_alpha,
-            clip=levy.levy_clip,
-            max_noise_ratio=levy.levy_max_noise_ratio,
-            calibrated_scale_K=calibration.scale_K if calibration is not None else None,
-            calibrated_alpha_K=calibration.alpha_K if calibration is not None else None,
-            pre_clip_norm=float(pre_clip) if pre_clip is not None else None,
-        )
-        # Orthonormal columns give |ξ_j| <= ‖ξ‖ = ‖coef‖, so checking the K coefficients on the host rules
-        # out an overflow anywhere in ξ. Only reachable with truncation off: such a draw is dropped.
-        noise_norm = draw.coef_K.norm().item()
-        if not noise_norm < min(torch.finfo(p.dtype).max for p in run.params) / 2:
-            logger.warning("hf_levy: step %d: the noise overflows the gradient dtype and is skipped", step)
-            run.skipped_nonfinite += 1
-            return
-        if levy.levy_noise_basis == "hessian":
-            run.space.add_combination_to_grads(run.sketch.vectors_PK, draw.coef_K)
-        else:
-            run.space.add_to_grads(run.isotropic_noise(noise_norm, levy.levy_alpha, levy.levy_clip, step))
-        run.noise_window.add(draw, noise_norm, grad_norm)
-        run.noise_total.add(draw, noise_norm, grad_norm)
-        self.noise_draws += 1
+        """g ← g + ξ on this step (see :func:`hf_levy.noise_step.add_step_noise`)."""
+        pre_clip = self._pre_clip_norm if self.run.calibration is not None else None  # read only where used
+        if add_step_noise(self.run, self.levy, step, pre_clip):
+            self.noise_draws += 1
