@@ -5,12 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test test-fast lint recipe clean
+.PHONY: help install test test-fast package-check lint recipe clean
 
-RECIPE ?= recipes/modular_addition.yaml
+# a shipped recipe's name (hf-levy ls) or a recipe YAML file
+RECIPE ?= modular_addition
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,9 @@ test: $(STAMP)  ## install if needed, then run the test suite
 
 test-fast: $(STAMP)  ## the inner loop: every test not marked slow (multi-process, end-to-end, subprocess imports)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
+
+package-check: $(STAMP)  ## build the sdist and wheel, install the wheel alone in a fresh venv, run a shipped recipe from it
+	.ci/package_check
 
 recipe: $(STAMP)  ## train the default recipe's arms (stock Trainer vs LevyTrainer) and write the report
 	OMP_NUM_THREADS=1 $(BIN)/hf-levy compare --config $(RECIPE)

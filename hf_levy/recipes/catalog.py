@@ -72,6 +72,8 @@ def listing() -> str:
     """``hf-levy ls``: each shipped recipe's name and purpose, then its expected runtime (up to its first
     parenthesis, where the headers keep how it was measured)."""
     rows = [(name, header_fields(path)) for name, path in shipped().items()]
+    if not rows:
+        return f"no recipes in {CONFIGS}: this hf_levy was installed without its package data"
     width = max(len(name) for name, _ in rows)
     lines = []
     for name, fields in rows:
