@@ -8,8 +8,15 @@ Where it acts in the loop (transformers 5.x ``Trainer._run_epoch``):
 * ``on_pre_optimizer_step`` (once per optimizer step, after accumulation, the DDP all-reduce or FSDP
   reduce-scatter, fp16 unscaling and ``max_grad_norm`` clipping, right before ``optimizer.step()``, and
   never on a step the loop skips): add ξ to ``.grad``.
-* ``on_log``: merge the ``curvature/`` and ``levy/`` metrics into the training log entry.
-* checkpoints: :mod:`hf_levy.levy_state` files are written into each checkpoint and read back on resume.
+* ``on_log``: merge the ``curvature/`` and ``levy/`` metrics into the training log entry. The callback
+  moves itself to the head of the callback list (at ``on_init_end`` and ``on_train_begin``), so the
+  reporting callbacks of ``report_to``, which come before a user's, see them.
+* ``on_save``: write the :mod:`hf_levy.levy_state` file into the checkpoint; on resume it is read back
+  (see :mod:`hf_levy.callback_wiring` for how a callback finds the checkpoint).
+
+:meth:`LevyCallback.attach` is needed only for what no event carries: the gradient norm before
+``max_grad_norm`` clipping (calibration), and the exact folder of a resumed checkpoint when it is neither
+``output_dir/checkpoint-<step>`` nor the arguments' ``resume_from_checkpoint``.
 
 Legend: P trainable parameters (flat; this rank's padded piece under FSDP), K eigenpairs.
 """
@@ -19,19 +26,23 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
 from torch import Tensor
 from transformers import TrainerCallback
 
 from hf_levy.calibration import calibrate_to_virtual_batch
+from hf_levy.callback_wiring import checkpoint_folder, move_to_front, resumed_checkpoint
 from hf_levy.config import LevyArguments
 from hf_levy.hvp import DoubleBackwardError, LossFn
 from hf_levy.levy_state import load_levy_state, save_levy_state
 from hf_levy.noise_step import add_step_noise
 from hf_levy.params import rank_and_world
+from hf_levy.progress import counted, sketch_progress
 from hf_levy.run_state import LevyRun, start_run
-from hf_levy.run_warnings import warn_if_mostly_capped, warn_if_unconverged
+from hf_levy.run_warnings import warn_if_mostly_capped, warn_if_sketch_failed, warn_if_unconverged
+from hf_levy.sketch import SketchDiscardedWarning
 from hf_levy.sketch_hvp import sketch_batch, sketch_matvec
 
 logger = logging.getLogger(__name__)
@@ -43,7 +54,11 @@ class LevyCallback(TrainerCallback):
     Use :class:`hf_levy.LevyTrainer`, or attach this to another Trainer subclass (e.g. TRL's SFTTrainer)::
 
         trainer = SFTTrainer(model=model, args=sft_config, train_dataset=ds)
-        LevyCallback(LevyArguments(levy_alpha=1.5, levy_scale=0.1)).attach(trainer)
+        LevyCallback(LevyArguments(levy_alpha=1.5, levy_scale=0.3)).attach(trainer)
+
+    ``callbacks=[LevyCallback(...)]`` and ``trainer.add_callback(LevyCallback(...))`` work too, except for
+    calibration under gradient clipping (refused with an error) and a resume from a folder the callback
+    cannot see (a warning; the sketch is then recomputed): both need ``attach``.
 
     Args:
         levy_args: the levy fields (a :class:`LevyConfig` or a plain :class:`LevyArguments`).
@@ -58,24 +73,35 @@ class LevyCallback(TrainerCallback):
         self.hvp_method: str | None = None if levy_args.hvp_method == "auto" else levy_args.hvp_method
         self.run: LevyRun | None = None  # this training run's state, fresh at every on_train_begin
         self.noise_draws = 0  # optimizer steps that received noise, over all runs
-        self._pending_state: dict[str, Tensor] | None = None  # a resumed checkpoint's, until training begins
+        self._attached = False
+        self._resumed_from: str | None = None  # the checkpoint attach saw the Trainer resume from
+        self._pending_state: tuple[str, dict[str, Tensor]] | None = None  # its file and state, until begin
+        self._saved_step: int | None = None  # the step whose checkpoint attach already wrote the file into
+        self._show_progress = False  # the sketch's progress bar: main process, unless disable_tqdm
         self._pre_clip_norm: Any = None  # this step's gradient norm before max_grad_norm clipping
+        self._warned: set[str] = set()  # the callback's own once-per-callback warnings
 
     # ------------------------------------------------------------------ wiring
     def attach(self, trainer: Any) -> LevyCallback:
-        """Install into ``trainer``: first in the callback list (so loggers see the metrics) and around
-        its checkpoint save/load. Returns self."""
+        """Install into ``trainer``: first in the callback list (so loggers see the metrics), around its
+        checkpoint save (the file is then in the folder before a Hub push of it starts) and load, and
+        around its gradient clipping (the pre-clip norm). Returns self."""
         if getattr(trainer, "is_deepspeed_enabled", False):
             raise ValueError(
                 "hf_levy does not support DeepSpeed: it runs the optimizer step inside backward, before any "
                 "callback can add noise. Use DDP (`accelerate launch --multi_gpu`) or FSDP instead."
             )
-        trainer.callback_handler.callbacks.insert(0, self)
+        callbacks = trainer.callback_handler.callbacks
+        if any(c is self for c in callbacks):  # also passed in callbacks=[...]: run its events once
+            callbacks.remove(self)
+        callbacks.insert(0, self)
+        self._attached = True
         save_checkpoint, load_optimizer = trainer._save_checkpoint, trainer._load_optimizer_and_scheduler
 
         def _save_checkpoint(model, trial):
             name = f"checkpoint-{trainer.state.global_step}"
             self.save_state(os.path.join(trainer._get_output_dir(trial=trial), name), trainer.args)
+            self._saved_step = trainer.state.global_step
             save_checkpoint(model, trial)
 
         def _load_optimizer_and_scheduler(checkpoint):
@@ -109,42 +135,109 @@ class LevyCallback(TrainerCallback):
         )
 
     def load_state(self, checkpoint_dir: str | None) -> None:
-        """Read the sketch saved in ``checkpoint_dir``; it is installed when training begins."""
+        """Read the sketch saved in ``checkpoint_dir``; it is checked against the run and installed when
+        training begins. Raises ValueError naming the file when it cannot be read."""
         if not checkpoint_dir:
             return
+        self._resumed_from = checkpoint_dir
         self._pending_state = load_levy_state(checkpoint_dir, rank=rank_and_world()[0])
         if self._pending_state is None:
             logger.warning(
                 "%s has no hf_levy state: the Hessian sketch is recomputed at the next step", checkpoint_dir
             )
 
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned and rank_and_world()[0] == 0:
+            logger.warning(
+                "hf_levy: %s. Use hf_levy.LevyTrainer or LevyCallback(...).attach(trainer)", message
+            )
+        self._warned.add(key)
+
+    def _to_front(self) -> None:
+        # attach placed it first already; a callback a user puts before it afterwards stays there.
+        if not self._attached and not move_to_front(self):
+            self._warn_once(
+                "order",
+                "LevyCallback could not move ahead of the report_to loggers: they may miss its metrics",
+            )
+
     # ------------------------------------------------------------------ events
+    def on_init_end(self, args, state, control, **kwargs):
+        self._to_front()
+
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        self._to_front()  # again: add_callback appends after the Trainer's construction
+        if self.levy.levy_virtual_batch_size is not None and not self._attached and args.max_grad_norm:
+            raise ValueError(
+                "levy_virtual_batch_size (calibration) needs the gradient norm before max_grad_norm "
+                "clipping, which the Trainer hands to no callback: use hf_levy.LevyTrainer or "
+                "LevyCallback(...).attach(trainer) instead of callbacks=[...] or add_callback, or set "
+                "max_grad_norm=0"
+            )
         self.run = run = start_run(self.levy, args, model, train_dataloader)
         if run.space.sharded:
             self.hvp_method = "finite_difference"
+        if state.global_step > 0 and self._resumed_from is None:  # resumed; attach did not see from where
+            self._load_resumed_state(args, state)
         if self._pending_state is not None:
-            run.load_state_dict(self._pending_state)
-            self._pending_state = None
+            path, saved = self._pending_state
+            run.load_state_dict(saved, source=path)
+        self._pending_state = self._resumed_from = None
+        self._show_progress = state.is_world_process_zero and not args.disable_tqdm
+
+    def _load_resumed_state(self, args, state) -> None:
+        checkpoint = resumed_checkpoint(args, state)
+        if checkpoint is not None:
+            self.load_state(checkpoint)
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        self._warn_once(
+            "resume",
+            f"training resumed at step {state.global_step}, but LevyCallback cannot see the checkpoint (not "
+            f"{folder} nor args.resume_from_checkpoint): the Hessian sketch is recomputed at this step and "
+            "the run differs from an uninterrupted one",
+        )
+
+    def on_save(self, args, state, control, **kwargs):
+        if self._saved_step == state.global_step:  # attach wrote it before the Trainer's own files
+            return
+        folder = checkpoint_folder(args, state)
+        if folder is not None:
+            self.save_state(folder, args)
+        elif self.run is not None and self.run.sketch.ready:
+            self._warn_once(
+                "save",
+                f"the checkpoint of step {state.global_step} is not in {args.output_dir} (a hyperparameter-"
+                "search trial?): LevyCallback cannot save the sketch with it",
+            )
 
     def on_step_begin(self, args, state, control, **kwargs):
         run = self.run
         step = state.global_step
-        if not run.schedule.due(step, run.sketch.step):
+        if not run.schedule.due(step, run.sketch.attempted):  # a discarded refresh waits a period too
             return
         previous = run.sketch.step
         with run.schedule.refreshing():
-            run.sketch_metrics = self.refresh_sketch(step)
-            warn_if_unconverged(run, self.levy, step)
-            if rank_and_world()[1] > 1 and run.sketch.ready and not run.space.sharded:
+            with warnings.catch_warnings():  # a discarded sketch is warned about once per run, below
+                warnings.simplefilter("ignore", SketchDiscardedWarning)
+                run.sketch_metrics = self.refresh_sketch(step)
+            failed = run.sketch.failure is not None
+            if not failed:
+                warn_if_unconverged(run, self.levy, step)
+            if rank_and_world()[1] > 1 and not failed and not run.space.sharded:
                 # Every rank ran the same Lanczos on the same averaged products, so the vectors already agree;
                 # the broadcast makes that a guarantee: replicas whose noise differed would drift apart.
                 run.space.broadcast_(run.sketch.vectors_PK)
                 run.space.broadcast_(run.sketch.values_K)
-            if run.sketch_metrics and self.levy.levy_virtual_batch_size is not None:
+            if not failed and self.levy.levy_virtual_batch_size is not None:
                 run.sketch_metrics.update(self.calibrate(step))
-        if run.sketch_metrics and previous is not None:
+        if failed:
+            run.failed_refreshes += 1
+            warn_if_sketch_failed(run, self.levy, step)
+        elif previous is not None:
             run.sketch_metrics["curvature/sketch_period"] = float(step - previous)
+        # The whole refresh (batch, products, Lanczos, broadcast, calibration): the terms of the total.
+        run.sketch_metrics["curvature/sketch_seconds"] = run.schedule.refresh_seconds
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.levy.levy_scale == 0 or not self.run.sketch.ready:
@@ -167,26 +260,30 @@ class LevyCallback(TrainerCallback):
         """Recompute the eigenpairs on this step's sketch batch; returns the curvature metrics."""
         run = self.run
         batch = sketch_batch(run.dataset, run.collate_fn, self.levy.sketch_batch_size, run.seed, step)
-        if self.hvp_method is None:  # "auto": exact products unless the model cannot differentiate twice
-            try:
-                metrics = run.sketch.refresh(
-                    self._matvec(batch, "autograd"), run.space.dim, step, reduce=run.space.reduce
-                )
-                self.hvp_method = "autograd"
-                logger.info("hf_levy: hvp_method='auto' chose exact double-backward products")
-                return metrics
-            except DoubleBackwardError as err:
-                self.hvp_method = "finite_difference"
-                logger.warning(
-                    "hf_levy: hvp_method='auto' chose finite differences (%s)", str(err).split(". ")[0]
-                )
-        return run.sketch.refresh(
-            self._matvec(batch, self.hvp_method), run.space.dim, step, reduce=run.space.reduce
-        )
+        total = run.sketch.settings.num_iters or run.space.dim
+        with sketch_progress(self._show_progress, total, step) as bar:
+            if self.hvp_method is None:  # "auto": exact products unless the model cannot differentiate twice
+                try:
+                    metrics = run.sketch.refresh(
+                        self._matvec(batch, "autograd", bar), run.space.dim, step, reduce=run.space.reduce
+                    )
+                    self.hvp_method = "autograd"
+                    logger.info("hf_levy: hvp_method='auto' chose exact double-backward products")
+                    return metrics
+                except DoubleBackwardError as err:
+                    self.hvp_method = "finite_difference"
+                    logger.warning(
+                        "hf_levy: hvp_method='auto' chose finite differences (%s)", str(err).split(". ")[0]
+                    )
+                    if bar is not None:
+                        bar.reset()
+            return run.sketch.refresh(
+                self._matvec(batch, self.hvp_method, bar), run.space.dim, step, reduce=run.space.reduce
+            )
 
-    def _matvec(self, batch: dict[str, Any], method: str):
+    def _matvec(self, batch: dict[str, Any], method: str, bar: Any = None):
         run = self.run
-        return sketch_matvec(run.model, batch, run.params, run.space, method, self.loss_fn)
+        return counted(sketch_matvec(run.model, batch, run.params, run.space, method, self.loss_fn), bar)
 
     def calibrate(self, step: int) -> dict[str, float]:
         """Fit the noise of batch size b along the new eigenvectors (:func:`calibrate_to_virtual_batch`);

@@ -2,17 +2,22 @@
 
 Replicated parameters (single process, DDP) give every rank the same vectors, so the main process writes
 one file; under FSDP each rank holds its piece of the vectors and writes ``levy_state_rank{r}.safetensors``.
+
+A file that cannot be read, or whose contents do not fit the run, is refused with an error that names it:
+its vectors would otherwise reach the gradients (a NaN among them turns every weight into NaN).
 """
 
 from __future__ import annotations
 
 import os
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 STATE_FILE = "levy_state.safetensors"
 SHARDED_STATE_FILE = "levy_state_rank{rank}.safetensors"
+FIX = "delete it to resume with a fresh sketch"
 
 
 def state_file(checkpoint_dir: str, *, sharded: bool, rank: int) -> str:
@@ -29,10 +34,19 @@ def save_levy_state(
     save_file(host, state_file(checkpoint_dir, sharded=sharded, rank=rank), metadata=metadata)
 
 
-def load_levy_state(checkpoint_dir: str, *, rank: int) -> dict[str, Tensor] | None:
-    """This rank's saved sketch (its own FSDP piece first, else the replicated file); None when absent."""
+def load_levy_state(checkpoint_dir: str, *, rank: int) -> tuple[str, dict[str, Tensor]] | None:
+    """This rank's saved sketch (its own FSDP piece first, else the replicated file) and its path; None
+    when absent.
+
+    Raises:
+        ValueError: naming the file and the fix, when it is not a readable safetensors file (truncated,
+            overwritten, empty).
+    """
     for sharded in (True, False):
         path = state_file(checkpoint_dir, sharded=sharded, rank=rank)
         if os.path.isfile(path):
-            return load_file(path)
+            try:
+                return path, load_file(path)
+            except (SafetensorError, OSError) as err:
+                raise ValueError(f"{path} is not a readable safetensors file ({err}); {FIX}") from err
     return None

@@ -7,6 +7,7 @@ previous run carries over except what a resumed checkpoint holds.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from hf_levy import rng
 from hf_levy.calibration import DirectionalNoise
 from hf_levy.config import LevyArguments
+from hf_levy.levy_state import FIX
 from hf_levy.noise import isotropic_noise
 from hf_levy.noise_tally import NoiseTally
 from hf_levy.params import ParameterSpace, rank_and_world, trainable_parameters
@@ -45,8 +47,10 @@ class LevyRun:
     noise_window: NoiseTally = field(default_factory=NoiseTally)  # the steps since the last log
     noise_total: NoiseTally = field(default_factory=NoiseTally)  # every step of the run
     skipped_nonfinite: int = 0  # steps since the last log whose gradient or noise was not finite
+    failed_refreshes: int = 0  # refreshes of this run whose sketch was discarded
     warned_unconverged: bool = False
     warned_capped: bool = False
+    warned_failed: bool = False
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -55,7 +59,11 @@ class LevyRun:
     def log_metrics(self, *, summary: bool, alpha: float) -> dict[str, float]:
         """The ``curvature/`` and ``levy/`` entries of a training log (then the window starts afresh), or
         of the end-of-training summary: the whole run's sketch seconds and truncation shares."""
-        total = {"curvature/sketch_seconds_total": self.schedule.total_seconds} if self.sketch.ready else {}
+        total = {}
+        if self.schedule.refresh_seconds is not None:  # a refresh ran (or a resumed checkpoint's did)
+            total["curvature/sketch_seconds_total"] = self.schedule.total_seconds
+        if self.failed_refreshes:
+            total["curvature/failed_refreshes"] = float(self.failed_refreshes)
         if summary:
             shares = self.noise_total.metrics("levy/run_")
             return {**total, **{k: v for k, v in shares.items() if k.endswith("_fraction")}}
@@ -83,7 +91,16 @@ class LevyRun:
             state.update(calibrated_alpha=self.calibration.alpha_K, calibrated_scale=self.calibration.scale_K)
         return state
 
-    def load_state_dict(self, saved: dict[str, Tensor]) -> None:
+    def load_state_dict(self, saved: dict[str, Tensor], *, source: str = "the saved sketch state") -> None:
+        """Install a checkpoint's state after checking that it fits this run.
+
+        Raises:
+            ValueError: naming ``source`` (the file) and the fix, when a key is missing, a shape does not
+                match this run's parameters or ``num_eigenpairs``, or a value is not finite.
+        """
+        problem = saved_state_problem(saved, self.space.dim, self.sketch.settings.num_eigenpairs)
+        if problem is not None:
+            raise ValueError(f"{source} {problem}; {FIX}")
         saved = dict(saved)
         if "calibrated_scale" in saved:
             self.calibration = DirectionalNoise(saved.pop("calibrated_alpha"), saved.pop("calibrated_scale"))
@@ -91,6 +108,39 @@ class LevyRun:
         settings = self.sketch.settings
         saved["vectors_KP"] = saved["vectors_KP"].to(settings.vector_device, settings.vector_dtype)
         self.sketch.load_state_dict(saved)
+
+
+def saved_state_problem(saved: dict[str, Tensor], dim: int, num_eigenpairs: int) -> str | None:
+    """What makes a checkpoint's state unusable for a run over ``dim`` parameters with ``num_eigenpairs``
+    eigenpairs (a phrase to follow the file's name), or None when it fits."""
+    required = {"values", "vectors_KP", "step", *SCHEDULE_KEYS}
+    missing = sorted(required - saved.keys())
+    if missing or ("calibrated_alpha" in saved) != ("calibrated_scale" in saved):
+        absent = missing or [k for k in ("calibrated_alpha", "calibrated_scale") if k not in saved]
+        return f"lacks the entries {absent}"
+    vectors, values = saved["vectors_KP"], saved["values"]
+    if vectors.shape != (num_eigenpairs, dim) or values.shape != (num_eigenpairs,):
+        return (
+            f"holds eigenvectors of shape {tuple(vectors.shape)} and eigenvalues of shape "
+            f"{tuple(values.shape)}, but this run sketches num_eigenpairs={num_eigenpairs} directions over "
+            f"{dim} trainable parameters (expected ({num_eigenpairs}, {dim}) and ({num_eigenpairs},): another "
+            "model, adapter or num_eigenpairs)"
+        )
+    calibrated = [saved[k] for k in ("calibrated_alpha", "calibrated_scale") if k in saved]
+    for name in ("values", "vectors_KP", "calibrated_alpha", "calibrated_scale"):
+        tensor = saved.get(name)
+        if tensor is not None and not (tensor.is_floating_point() and torch.isfinite(tensor).all()):
+            return f"has non-finite or non-float entries in '{name}'"
+    if calibrated and any(t.shape != (num_eigenpairs,) for t in calibrated):
+        return f"holds calibration entries whose shape is not ({num_eigenpairs},)"
+    if calibrated and not (((calibrated[0] > 0) & (calibrated[0] <= 2)).all() and (calibrated[1] >= 0).all()):
+        return "holds a calibrated alpha outside (0, 2] or a negative calibrated scale"
+    if any(saved[k].numel() != 1 for k in ("step", *SCHEDULE_KEYS)) or int(saved["step"]) < 0:
+        return "holds no valid sketch step or schedule"
+    total, refresh = (float(saved[k]) for k in SCHEDULE_KEYS[:2])  # refresh is NaN before a first refresh
+    if not (math.isfinite(total) and total >= 0 and not math.isinf(refresh)):
+        return "holds non-finite sketch seconds"
+    return None
 
 
 def start_run(levy: LevyArguments, args: Any, model: nn.Module, train_dataloader: Any) -> LevyRun:
@@ -137,6 +187,15 @@ def sketch_settings(levy: LevyArguments, space: ParameterSpace, seed: int) -> Sk
     ``sketch_dtype``; ``sketch_offload`` moves the Lanczos basis ('basis') or everything ('all') to the host."""
     float64 = space.params[0].dtype == torch.float64
     offload = levy.sketch_offload
+    if levy.num_eigenpairs > space.dim and rank_and_world()[0] == 0:
+        logger.warning(
+            "hf_levy: num_eigenpairs=%d exceeds the %d trainable parameters; the sketch uses %d eigenpairs "
+            "(set num_eigenpairs <= %d to silence this)",
+            levy.num_eigenpairs,
+            space.dim,
+            space.dim,
+            space.dim,
+        )
     return SketchSettings(
         num_eigenpairs=min(levy.num_eigenpairs, space.dim),
         num_iters=min(levy.lanczos_num_iters, space.dim),

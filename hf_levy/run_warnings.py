@@ -49,3 +49,26 @@ def warn_if_mostly_capped(run: LevyRun, levy: LevyArguments) -> None:
             total.steps,
             100 * total.capped_fraction,
         )
+
+
+def warn_if_sketch_failed(run: LevyRun, levy: LevyArguments, step: int) -> None:
+    """A refresh discarded for non-finite products or eigenpairs (counted in curvature/failed_refreshes)."""
+    if run.warned_failed:
+        return
+    run.warned_failed = True
+    if rank_and_world()[0] == 0:
+        kept = (
+            f"the noise keeps the sketch of step {run.sketch.step}"
+            if run.sketch.ready
+            else "no noise is added until a sketch succeeds"
+        )
+        logger.warning(
+            "hf_levy: the Hessian sketch at step %d failed (%s) and was discarded: %s. It is retried every "
+            "sketch_every_n_steps=%d steps. A non-finite loss of the sketch batch in eval mode (the products "
+            "run in eval mode) is the usual cause (logged as curvature/failed_refreshes; this warning is "
+            "shown once)",
+            step,
+            run.sketch.failure,
+            kept,
+            levy.sketch_every_n_steps,
+        )

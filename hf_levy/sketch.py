@@ -2,7 +2,8 @@
 
 A refresh runs :func:`hf_levy.lanczos` on a Hessian-vector product, warm-started from the previous
 eigenvectors. A refresh that fails (non-finite products, eigenvalues or vectors) is discarded with a
-warning and the last good sketch is kept, so nothing non-finite ever reaches the noise.
+:class:`SketchDiscardedWarning` and the last good sketch is kept, so nothing non-finite ever reaches the
+noise; ``failure`` says why, for a caller that reports it its own way.
 
 Legend: P parameters (or this rank's shard), K eigenpairs.
 """
@@ -19,6 +20,10 @@ from torch import Tensor
 
 from hf_levy.lanczos import Eigenpairs, lanczos
 from hf_levy.rng import LANCZOS_START, step_generator
+
+
+class SketchDiscardedWarning(UserWarning):
+    """A refresh whose products or eigenpairs were not finite; the previous sketch is kept."""
 
 
 @dataclass
@@ -40,6 +45,8 @@ class HessianSketch:
         self.values_K: Tensor | None = None
         self.vectors_PK: Tensor | None = None
         self.step: int | None = None  # optimizer step of the last good refresh
+        self.attempted: int | None = None  # optimizer step of the last refresh, good or discarded
+        self.failure: str | None = None  # why the last refresh was discarded; None when it succeeded
 
     @property
     def ready(self) -> bool:
@@ -56,6 +63,7 @@ class HessianSketch:
         """Recompute the eigenpairs at ``step``; returns the ``curvature/`` metrics (empty when discarded)."""
         s = self.settings
         start = time.perf_counter()
+        self.attempted, self.failure = step, None
         try:
             pairs = lanczos(
                 matvec,
@@ -70,23 +78,24 @@ class HessianSketch:
                 reduce=reduce,
             )
         except FloatingPointError as err:
-            warnings.warn(
-                f"Hessian sketch at step {step} discarded ({err}); keeping the sketch of step {self.step}",
-                stacklevel=2,
-            )
-            return {}
+            return self._discard(str(err), step)
         if not (torch.isfinite(pairs.values).all() and torch.isfinite(pairs.vectors).all()):
-            warnings.warn(
-                f"Hessian sketch at step {step} discarded (non-finite eigenpairs); keeping step {self.step}",
-                stacklevel=2,
-            )
-            return {}
+            return self._discard("non-finite eigenpairs", step)
         vectors_PK = pairs.vectors
         if s.basis_device is not None and s.vector_device is not None:
             # moved once per refresh as the K contiguous rows lanczos returns (the same layout as kept)
             vectors_PK = vectors_PK.T.to(s.vector_device).T
         self.values_K, self.vectors_PK, self.step = pairs.values, vectors_PK, step
-        return sketch_metrics(pairs, time.perf_counter() - start)
+        return {**sketch_metrics(pairs, time.perf_counter() - start), "curvature/sketch_step": float(step)}
+
+    def _discard(self, reason: str, step: int) -> dict[str, float]:
+        self.failure = reason
+        warnings.warn(
+            f"Hessian sketch at step {step} discarded ({reason}); keeping the sketch of step {self.step}",
+            SketchDiscardedWarning,
+            stacklevel=3,
+        )
+        return {}
 
     def state_dict(self) -> dict[str, Tensor]:
         if not self.ready:
@@ -97,6 +106,7 @@ class HessianSketch:
             "values": self.values_K,
             "vectors_KP": self.vectors_PK.T.contiguous(),
             "step": torch.tensor(self.step, dtype=torch.int64),
+            "attempted": torch.tensor(self.attempted, dtype=torch.int64),
         }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -105,6 +115,8 @@ class HessianSketch:
         self.values_K = state["values"].double().cpu()
         self.vectors_PK = state["vectors_KP"].T
         self.step = int(state["step"])
+        # Files written before refreshes were retried at the period lack it: the last good one was the last.
+        self.attempted = int(state.get("attempted", self.step))
 
 
 def sketch_metrics(pairs: Eigenpairs, seconds: float) -> dict[str, float]:

@@ -1,0 +1,140 @@
+"""LevyCallback as HF users write it: ``Trainer(callbacks=[LevyCallback(...)])`` or ``add_callback``."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+from trainer_utils import COMMON, SKETCH, flat_params, model, token_dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+from hf_levy import LevyArguments, LevyCallback
+
+NOISE = dict(levy_scale=0.5, levy_seed=0)
+
+
+def levy_callback(every: int = 3) -> LevyCallback:
+    return LevyCallback(LevyArguments(**{**SKETCH, "sketch_every_n_steps": every}, **NOISE))
+
+
+def plain_trainer(folder, callbacks=(), max_steps=6, levy=None, **overrides):
+    """The stock Trainer with a LevyCallback in its callback list (not attached)."""
+    args = TrainingArguments(output_dir=str(folder), max_steps=max_steps, **{**COMMON, **overrides})
+    levy = levy if levy is not None else levy_callback()
+    trainer = Trainer(
+        model=model(),
+        args=args,
+        train_dataset=token_dataset(),
+        data_collator=default_data_collator,
+        callbacks=[*callbacks, levy],
+    )
+    return trainer, levy
+
+
+class Recorder(TrainerCallback):
+    """Stands in for a reporting callback (TensorBoard, W&B): keeps a copy of each log it receives."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def test_a_logging_callback_listed_before_it_receives_the_metrics(tmp_path):
+    recorder = Recorder()
+    trainer, levy = plain_trainer(tmp_path / "listed", callbacks=[recorder])
+    trainer.train()
+    assert trainer.callback_handler.callbacks[0] is levy
+    steps = [log for log in recorder.logs if "loss" in log]
+    assert "curvature/eigenvalue_0" in steps[0] and "levy/noise_norm" in steps[0]
+    assert levy.noise_draws == 6
+
+
+def test_a_callback_added_after_construction_also_reaches_every_logger(tmp_path):
+    recorder = Recorder()
+    args = TrainingArguments(output_dir=str(tmp_path / "added"), max_steps=4, **COMMON)
+    trainer = Trainer(
+        model=model(),
+        args=args,
+        train_dataset=token_dataset(),
+        data_collator=default_data_collator,
+        callbacks=[recorder],
+    )
+    trainer.add_callback(levy_callback())
+    trainer.train()
+    first = next(log for log in recorder.logs if "loss" in log)
+    assert "curvature/eigenvalue_0" in first and "levy/noise_to_grad_ratio" in first
+
+
+def test_the_checkpoint_holds_the_sketch_and_resume_true_restores_it_bitwise(tmp_path):
+    full, _ = plain_trainer(tmp_path / "full", save_strategy="steps", save_steps=3)
+    full.train()
+    assert (tmp_path / "full" / "checkpoint-3" / "levy_state.safetensors").is_file()
+    # resume_from_checkpoint=True takes output_dir's last checkpoint: a folder the callback can find.
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    resumed, levy = plain_trainer(tmp_path / "resumed", save_strategy="steps", save_steps=3)
+    resumed.train(resume_from_checkpoint=True)
+    assert torch.equal(flat_params(resumed), flat_params(full))
+    assert levy.run.sketch.step == 3 and levy.run.schedule.total_seconds > 0
+
+
+def test_resume_from_the_arguments_resume_from_checkpoint_restores_the_sketch(tmp_path, caplog):
+    # Sketches at 0 and 4 only: a sketch recomputed at the resume step 3 would change the result.
+    settings = dict(save_strategy="steps", save_steps=3)
+    full, _ = plain_trainer(tmp_path / "full", levy=levy_callback(every=4), **settings)
+    full.train()
+    checkpoint = str(tmp_path / "full" / "checkpoint-3")
+    resumed, callback = plain_trainer(
+        tmp_path / "resumed", levy=levy_callback(every=4), resume_from_checkpoint=checkpoint, **settings
+    )
+    with caplog.at_level(logging.WARNING, logger="hf_levy.callback"):
+        resumed.train(resume_from_checkpoint=checkpoint)
+    assert not [r for r in caplog.records if "cannot see the checkpoint" in r.getMessage()]
+    assert torch.equal(flat_params(resumed), flat_params(full))
+    assert callback.run.sketch.step == 4  # the saved step-0 sketch held until its period ended
+
+
+def test_a_resume_the_callback_cannot_locate_warns_and_names_attach(tmp_path, caplog):
+    full, _ = plain_trainer(
+        tmp_path / "full", levy=levy_callback(every=4), save_strategy="steps", save_steps=3
+    )
+    full.train()
+    resumed, levy = plain_trainer(tmp_path / "elsewhere", levy=levy_callback(every=4))
+    with caplog.at_level(logging.WARNING, logger="hf_levy.callback"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    warned = [r.getMessage() for r in caplog.records if "cannot see the checkpoint" in r.getMessage()]
+    assert len(warned) == 1
+    assert "attach(trainer)" in warned[0] and "LevyTrainer" in warned[0]
+    assert levy.run.sketch.step == 3  # recomputed at the resume step (the saved one would hold until 4)
+
+
+def test_a_checkpoint_of_another_run_with_the_same_step_is_not_taken(tmp_path, caplog):
+    # output_dir holds a checkpoint-3 of a different run (another seed): its sketch must not be used.
+    settings = dict(save_strategy="steps", save_steps=3)
+    plain_trainer(tmp_path / "shared", levy=levy_callback(every=4), seed=1, **settings)[0].train()
+    plain_trainer(tmp_path / "full", levy=levy_callback(every=4), **settings)[0].train()
+    resumed, levy = plain_trainer(tmp_path / "shared", levy=levy_callback(every=4))
+    with caplog.at_level(logging.WARNING, logger="hf_levy.callback"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert any("cannot see the checkpoint" in r.getMessage() for r in caplog.records)
+    assert levy.run.sketch.step == 3
+
+
+def test_calibration_under_clipping_without_attach_is_refused_naming_attach(tmp_path):
+    calibrated = LevyCallback(
+        LevyArguments(**SKETCH, levy_virtual_batch_size=2, calibration_num_microbatches=32)
+    )
+    trainer, _ = plain_trainer(tmp_path / "calibrated", levy=calibrated)
+    with pytest.raises(ValueError, match=r"max_grad_norm.*attach\(trainer\).*max_grad_norm=0"):
+        trainer.train()
+
+
+def test_a_callback_both_listed_and_attached_runs_its_events_once(tmp_path):
+    trainer, levy = plain_trainer(tmp_path / "both", max_steps=3)
+    levy.attach(trainer)
+    assert [c for c in trainer.callback_handler.callbacks if c is levy] == [levy]
+    trainer.train()
+    assert levy.noise_draws == 3
