@@ -58,7 +58,9 @@ def make_plots(runs: list[dict[str, Any]], metric: str, folder: pathlib.Path) ->
                     continue
                 x = seconds_at(run, x) if use_seconds else x
                 s = run["summary"]
-                ax.plot(x, y, label=f"{s['arm']} (seed {s['seed']})", lw=1.2)
+                # a lone point (an arm with one sketch) is invisible as a line
+                marker = "o" if len(x) == 1 else None
+                ax.plot(x, y, label=f"{s['arm']} (seed {s['seed']})", lw=1.2, marker=marker)
                 drawn = True
             return drawn
 
