@@ -55,15 +55,10 @@ def test_a_logging_callback_listed_before_it_receives_the_metrics(tmp_path):
 
 def test_a_callback_added_after_construction_also_reaches_every_logger(tmp_path):
     recorder = Recorder()
-    args = TrainingArguments(output_dir=str(tmp_path / "added"), max_steps=4, **COMMON)
-    trainer = Trainer(
-        model=model(),
-        args=args,
-        train_dataset=token_dataset(),
-        data_collator=default_data_collator,
-        callbacks=[recorder],
-    )
-    trainer.add_callback(levy_callback())
+    trainer, levy = plain_trainer(tmp_path / "added", callbacks=[recorder], max_steps=4)
+    trainer.callback_handler.remove_callback(levy)  # as if never passed: add_callback appends it last
+    trainer.add_callback(levy)
+    assert trainer.callback_handler.callbacks[-1] is levy
     trainer.train()
     first = next(log for log in recorder.logs if "loss" in log)
     assert "curvature/eigenvalue_0" in first and "levy/noise_to_grad_ratio" in first
