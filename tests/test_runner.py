@@ -104,7 +104,9 @@ def test_an_interrupted_arm_resumes_from_its_last_checkpoint_and_ends_as_the_uni
 
     said = "\n".join(run_compare(recipe, run))
     for arm in ("stock", "levy"):
-        assert f"{arm} seed 0: unfinished (summary.json not written): resuming from checkpoint-2" in said, said
+        assert f"{arm} seed 0: unfinished (summary.json not written): resuming from checkpoint-2" in said, (
+            said
+        )
     for arm in ("stock", "levy"):
         resumed, whole = summary(run, arm), summary(tmp_path / "whole", arm)
         assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4, arm
@@ -207,3 +209,10 @@ def test_the_flag_lets_the_recipe_model_run_its_code(tmp_path, monkeypatch):
 )  # fmt: skip
 def test_code_keys_are_the_model_keys_that_load_code(model, flagged):
     assert [text.partition(":")[0] for text in code_keys(model)] == flagged
+
+
+def test_a_stock_arm_is_not_retrained_when_only_levy_fields_change(tmp_path):
+    recipe, run = tiny_recipe(tmp_path, max_steps=2), tmp_path / "run"
+    run_compare(recipe, run, arms=["stock"])
+    said = run_compare(recipe, run, arms=["stock"], overrides={"levy_scale": "0.7", "num_eigenpairs": "3"})
+    assert "kept" in said[0], said  # the stock Trainer reads no levy field

@@ -19,7 +19,7 @@ from typing import Any
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_levy.config import LevyConfig
-from hf_levy.recipes.recipe import Recipe
+from hf_levy.recipes.recipe import LEVY_FIELDS, Recipe
 
 SUMMARY = "summary.json"
 CONFIG = "config.json"
@@ -31,9 +31,16 @@ LOCATION_KEYS = ("output_dir",)
 
 
 def arm_record(recipe: Recipe, arm: str, config: LevyConfig) -> dict[str, Any]:
-    """What ``config.json`` holds: the resolved config, the trainer, task, model and target, as JSON values."""
+    """What ``config.json`` holds: the resolved config, the trainer, task, model and target, as JSON values.
+
+    A stock arm's record leaves out the LevyArguments fields: the stock Trainer reads none of them, so a
+    change of their defaults must not retrain it.
+    """
+    values = config.to_dict()
+    if recipe.arms[arm].trainer == "stock":
+        values = {key: value for key, value in values.items() if key not in LEVY_FIELDS}
     record = {
-        **config.to_dict(),
+        **values,
         "trainer": recipe.arms[arm].trainer,
         "task": recipe.task,
         "model": recipe.model,
