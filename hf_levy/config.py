@@ -33,11 +33,12 @@ class LevyArguments:
         },
     )
     levy_scale: float = field(
-        default=0.1,
+        default=0.3,
         metadata={
             "help": "Noise scale s >= 0; 0 turns the noise off (the sketch still runs and logs). With "
             "levy_scale_mode='relative' the per-direction scales c have ‖c‖ = s·‖g‖ (g the clipped gradient); "
-            "with 'absolute', ‖c‖ = s in gradient units."
+            "with 'absolute', ‖c‖ = s in gradient units. The default 0.3 gives ‖ξ‖ ≈ 0.4-0.6·‖g‖ at α 1.5-2 "
+            "(docs/usage.md, 'Choosing the noise')."
         },
     )
     levy_scale_mode: Literal["relative", "absolute"] = field(
@@ -53,9 +54,10 @@ class LevyArguments:
         },
     )
     levy_max_noise_ratio: float | None = field(
-        default=1.0,
+        default=3.0,
         metadata={
-            "help": "Cap on the noise norm relative to the gradient norm, ‖ξ‖ <= ratio·‖g‖. None: off."
+            "help": "Cap on the noise norm relative to the gradient norm, ‖ξ‖ <= ratio·‖g‖, a bound on rare "
+            "long jumps; it should act on few steps (logged as levy/capped_fraction). None: off."
         },
     )
     levy_seed: int | None = field(
