@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_levy import krylov_basis
 from hf_levy.krylov_basis import KrylovBasis
 
 F64 = torch.float64
@@ -46,3 +47,46 @@ def test_products_match_the_dense_matrix_of_the_rows_written(block_rows, used):
     assert out.dtype == torch.float32 and out.data_ptr() != w.data_ptr()  # a new tensor; w is untouched
     weights = torch.randn(used, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(basis.combine(weights).double(), weights.T @ dense, rtol=0, atol=1e-5)
+
+
+def _check_against_dense(basis, rows, used, dim):
+    dense = rows.double()[:used]
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(dim, generator=g)
+    torch.testing.assert_close(basis.local_inner(used, w), dense @ w.double(), rtol=1e-12, atol=1e-12)
+    coeffs = torch.randn(used, dtype=F64, generator=g)
+    out = basis.minus_combination(w, coeffs)
+    torch.testing.assert_close(out.double(), w.double() - coeffs @ dense, rtol=0, atol=1e-4)
+    weights = torch.randn(used, 3, dtype=F64, generator=g)
+    torch.testing.assert_close(basis.combine(weights).double(), weights.T @ dense, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_rows", [None, 3])
+@pytest.mark.parametrize("used", [1, 7, 10])
+def test_products_split_into_many_column_chunks_match_the_dense_matrix(monkeypatch, block_rows, used):
+    # A scratch budget of 20 entries cuts 53 columns into chunks of 2 (10 rows) or 6 (3 rows), the last one
+    # partial: every column must be visited exactly once, as it is on a real model (P >> 2^19 / rows).
+    monkeypatch.setattr(krylov_basis, "_CHUNK_NUMEL", 20)
+    basis, rows = filled(10, block_rows, dim=53)
+    assert krylov_basis._columns_per_chunk(10, torch.device("cpu")) == 2
+    _check_against_dense(basis, rows, used, 53)
+
+
+def test_products_at_a_size_where_the_cpu_chunks_the_columns_match_the_dense_matrix():
+    # 10 rows of 2 x 52,428 + 37 columns: the production chunk budget (2^19 entries) gives three column chunks.
+    dim = 2 * ((1 << 19) // 10) + 37
+    basis, rows = filled(10, None, dim=dim)
+    _check_against_dense(basis, rows, 10, dim)
+
+
+def test_local_inner_of_two_row_blocks_in_many_chunks_is_the_float64_matrix_product(monkeypatch):
+    monkeypatch.setattr(krylov_basis, "_CHUNK_NUMEL", 12)
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(4, 41, generator=g), torch.randn(3, 41, generator=g)
+    got = krylov_basis.local_inner(a, b)
+    assert got.dtype == F64 and got.shape == (4, 3)
+    torch.testing.assert_close(got, a.double() @ b.double().T, rtol=1e-12, atol=1e-12)
+    # float32 entries whose float32 dot product loses everything: accumulated in float64, nothing is lost
+    big = torch.tensor([[1e8, 1.0, -1e8]], dtype=torch.float32)
+    ones = torch.ones(1, 3, dtype=torch.float32)
+    assert krylov_basis.local_inner(big, ones).item() == 1.0

@@ -437,3 +437,127 @@ def test_float64_model_through_make_hvp_needs_no_dtype_argument(method):
     pairs = lanczos(hvp, flat.numel(), 3, tol=1e-10, generator=seeded(0))
     assert pairs.vectors.dtype == F64
     assert max_rel_error(pairs.values, want) < (1e-10 if method == "autograd" else 1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_warm_block_of_the_next_eigenvectors_plus_rounding_noise_still_finds_the_top_one(seed):
+    # The refresh after a step that moved the top direction: the old block spans eigenvectors 2..K+1 up to 1e-6,
+    # no breakdown reveals e_1, and its 1e-6 share grows too slowly to surface before the K pairs certify.
+    # Only the random part of the start finds it (without it, every seed returned 9.7 as the top eigenvalue).
+    n, k = 20_000, 8
+    spectrum = 10 * 0.97 ** torch.arange(n, dtype=F64)
+    noise = torch.randn(n, k, dtype=F64, generator=seeded(100 + seed))
+    block = torch.eye(n, k + 1, dtype=F64)[:, 1:] + 1e-6 * noise / noise.norm(dim=0)
+    pairs = lanczos(lambda v: spectrum.float() * v, n, k, init=block.float(), generator=seeded(seed))
+    assert pairs.converged
+    torch.testing.assert_close(pairs.values, spectrum[:k], rtol=1e-4, atol=0)
+
+
+def test_block_warm_start_is_the_sum_of_unit_columns_plus_a_small_random_part():
+    # The documented start: Σ_i c_i/‖c_i‖ normalized, plus 0.03 x a random unit vector (then normalized). Columns
+    # of norms 1, 100, 0.01 and 3 must weigh the same; the part orthogonal to their sum is the random one, 0.03.
+    n = 10_000
+    cols = torch.zeros(n, 4, dtype=F64)
+    cols[0, 0], cols[1, 1], cols[2, 2], cols[3, 3] = 1.0, 100.0, 0.01, 3.0
+    seen = []
+
+    def matvec(v):
+        seen.append(v.clone())
+        return torch.linspace(1.0, 2.0, n, dtype=F64) * v
+
+    lanczos(matvec, n, 1, num_iters=2, init=cols, generator=seeded(0))
+    q0 = seen[0]
+    assert q0.norm().item() == pytest.approx(1.0, rel=1e-12)
+    # the random part (about 0.03 / sqrt(n) per coordinate) moves each column's weight by far less than 10%
+    torch.testing.assert_close(q0[:4], torch.full((4,), q0[:4].mean().item(), dtype=F64), rtol=0.1, atol=0)
+    along = torch.zeros(n, dtype=F64)
+    along[:4] = 0.5
+    rest = (q0 - (q0 @ along) * along).norm().item()
+    assert 0.027 < rest < 0.033, f"random part {rest:.4f}, documented 0.03"
+
+
+def test_an_operator_with_zero_lanczos_diagonal_still_estimates_its_norm():
+    # [[0, A], [A^T, 0]] from a start on the first block: every Lanczos vector lives on one block, so every diag
+    # entry is exactly 0 and ||H|| shows only in the offdiagonal. With rank(A) = 2 the Krylov space is invariant
+    # after 5 vectors: the breakdown (relative to that estimate) ends the run at 6 products, with the zero
+    # eigenvalue exact (an estimate from the diagonal alone, 0, needed 26).
+    m = 100
+    q1, _ = torch.linalg.qr(torch.randn(m, m, dtype=F64, generator=seeded(0)))
+    q2, _ = torch.linalg.qr(torch.randn(m, m, dtype=F64, generator=seeded(1)))
+    block = (q1[:, :2] * torch.tensor([3.0, 2.0], dtype=F64)) @ q2[:, :2].T
+    h = torch.zeros(2 * m, 2 * m, dtype=F64)
+    h[:m, m:], h[m:, :m] = block, block.T
+    start = torch.cat([torch.randn(m, dtype=F64, generator=seeded(2)), torch.zeros(m, dtype=F64)])
+    pairs = lanczos(lambda v: h @ v, 2 * m, 3, init=start, dtype=F64, generator=seeded(0))
+    assert pairs.converged and pairs.num_matvecs <= 8, pairs.num_matvecs
+    torch.testing.assert_close(pairs.values, torch.tensor([3.0, 2.0, 0.0], dtype=F64), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
+def test_a_zero_eigenvalue_is_certified_at_the_rounding_floor_of_the_dtype(dtype):
+    # A zero eigenvalue has no relative accuracy to reach: it is certified once its residual is below
+    # tol·sqrt(eps)·||H||, so it costs no more products than an eigenvalue just above that floor certified
+    # relative to itself (20 and 32 products here). An eps·||H|| floor demands ~1/sqrt(eps) more accuracy:
+    # 28 products in float32, and in float64 the default cap of 48 runs out unconverged.
+    n, floor = 2000, torch.finfo(dtype).eps ** 0.5
+    bulk = torch.linspace(-0.5, -0.1, n - 2, dtype=F64)
+    counts = {}
+    for theta in (0.0, 2 * floor):
+        spectrum = torch.cat([torch.tensor([1.0, theta], dtype=F64), bulk]).to(dtype)
+        pairs = lanczos(lambda v, s=spectrum: s * v, n, 2, dtype=dtype, generator=seeded(0))
+        assert pairs.converged and abs(pairs.values[1].item() - theta) < 10 * floor**2
+        counts[theta] = pairs.num_matvecs
+    assert counts[0.0] <= counts[2 * floor] + 1, counts
+
+
+def test_negative_top_eigenvalues_are_certified_relative_to_their_magnitude():
+    # Near a maximum every eigenvalue is negative: the tolerance is relative to |theta|, as for positive ones,
+    # so the mirrored spectrum converges as fast as the original.
+    spectrum = -torch.cat([torch.tensor([1.0, 1.5, 2.0]), torch.linspace(4.0, 20.0, 297)]).double()
+    mirrored = lanczos(lambda v: -spectrum.flip(0) * v, 300, 3, tol=1e-6, dtype=F64, generator=seeded(0))
+    pairs = lanczos(lambda v: spectrum * v, 300, 3, tol=1e-6, dtype=F64, generator=seeded(0))
+    assert pairs.converged, pairs.residuals
+    torch.testing.assert_close(pairs.values, spectrum[:3], rtol=1e-8, atol=0)
+    assert pairs.num_matvecs <= mirrored.num_matvecs + 10
+
+
+def test_all_eigenpairs_of_a_small_operator_when_k_equals_dim():
+    a = rotated(torch.tensor([4.0, -1.0, 2.5, 0.5, 3.0]), seed=6)
+    pairs = lanczos(lambda v: a @ v, 5, 5, dtype=F64, generator=seeded(0))
+    torch.testing.assert_close(pairs.values, torch.linalg.eigvalsh(a).flip(0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pairs.vectors.T @ pairs.vectors, torch.eye(5, dtype=F64), rtol=0, atol=1e-10)
+
+
+def test_num_iters_equal_to_k_is_allowed_and_spends_exactly_k_products():
+    a = rotated(MATRICES["indefinite"])
+    pairs = lanczos(lambda v: a @ v, 300, 4, num_iters=4, dtype=F64, generator=seeded(0))
+    assert pairs.num_matvecs == 4 and pairs.values.shape == (4,) and torch.isfinite(pairs.values).all()
+    # Ritz values of a 4-dimensional Krylov space lie inside the spectrum (Cauchy interlacing)
+    assert (pairs.values <= top_eigh(a, 4)[0] + 1e-10).all()
+
+
+@pytest.mark.parametrize("mix", [1e-4, 1e-6, 1e-8])
+def test_residual_bounds_hold_from_a_start_vector_that_is_nearly_an_eigenvector(mix):
+    # Start = v_2 + mix·v_1: the Krylov space is invariant up to ~mix. Below the breakdown level
+    # eps^(2/3)·||H|| the offdiag is rounding and recorded as 0, so a reported residual may undershoot the
+    # actual one by at most that level; declaring breakdown far above it (e.g. at eps^(1/3)) would report
+    # residual 0 for pairs that are off by 1e-6.
+    a = rotated(torch.cat([torch.tensor([3.0, 2.0, 1.0]), torch.linspace(-1.0, 0.5, 297)]).double())
+    _, evecs = torch.linalg.eigh(a)
+    start = evecs[:, -2] + mix * evecs[:, -1]
+    pairs = lanczos(lambda v: a @ v, 300, 2, tol=1e-8, init=start, dtype=F64, generator=seeded(0))
+    assert pairs.converged
+    torch.testing.assert_close(pairs.values, torch.tensor([3.0, 2.0], dtype=F64), rtol=1e-8, atol=0)
+    actual = (a @ pairs.vectors - pairs.vectors * pairs.values).norm(dim=0)
+    breakdown_level = torch.finfo(F64).eps ** (2 / 3) * 3.0
+    assert (actual <= 1.01 * pairs.residuals + breakdown_level).all(), f"actual {actual} vs {pairs.residuals}"
+
+
+def test_float32_repeated_eigenvalues_of_a_larger_operator_are_all_found():
+    # Each of 3, 1, -2 a hundred times: the Krylov space of any start vector is 3-dimensional, and in float32 its
+    # breakdown shows as an offdiag of rounding size (~1e-6·||H||, above eps·||H||). Treated as a breakdown, the
+    # restarts find the other copies of 3; continued as if it were signal, one copy comes back with 1 and -2.
+    a = rotated(torch.tensor([3.0, 1.0, -2.0]).repeat(100)).float()
+    pairs = lanczos(lambda v: a @ v, 300, 4, generator=seeded(0))
+    assert pairs.converged
+    torch.testing.assert_close(pairs.values, torch.full((4,), 3.0, dtype=F64), rtol=1e-5, atol=0)
