@@ -273,3 +273,90 @@ def test_projections_carry_the_variance_share_of_their_directions():
     two = microbatch_projections(model, batches, [model.w], q[:, :2])
     share = variance_share(two.values_MK, two.square_norm_sum, two.gradient_sum_P)
     assert share == pytest.approx(float(per_direction[:2].sum() / per_direction.sum()), rel=1e-9)
+
+
+# ---------------------------------------------------------------- the estimator against its explicit formula
+def explicit_fit(column: np.ndarray, alpha: float | None = None) -> tuple[float, float]:
+    """The documented estimator written out pair by pair: log|x_i − x_j| over the pairs i < j that are not ties
+    (|x_i − x_j| > 1e-5 x the column's median absolute deviation), α̂ = (6 Var/π² − 1/2)^(−1/2) clipped into
+    [0.5, 2], c = exp(E − γ(1/α − 1)) / 2^(1/α)."""
+    tie = 1e-5 * np.median(np.abs(column - np.median(column)))
+    logs = [math.log(abs(a - b)) for i, a in enumerate(column) for b in column[i + 1 :] if abs(a - b) > tie]
+    mean, var = float(np.mean(logs)), float(np.var(logs, ddof=1))
+    if alpha is None:
+        bracket = 6 * var / math.pi**2 - 0.5
+        alpha = min(max(bracket**-0.5 if bracket > 0 else math.inf, 0.5), 2.0)
+    return alpha, math.exp(mean - np.euler_gamma * (1 / alpha - 1)) / 2 ** (1 / alpha)
+
+
+def test_fit_equals_the_explicit_pairwise_formula():
+    x = sample_symmetric_stable(
+        (48, 3), 1.4, 0.3, generator=torch.Generator().manual_seed(7), dtype=torch.float64
+    )
+    fit = fit_directional_noise(x)
+    given = fit_directional_noise(x, alpha=1.1)
+    for k in range(3):
+        alpha, scale = explicit_fit(x[:, k].numpy())
+        assert fit.alpha_K[k].item() == pytest.approx(alpha, rel=1e-10)
+        assert fit.scale_K[k].item() == pytest.approx(scale, rel=1e-10)
+        assert given.scale_K[k].item() == pytest.approx(
+            explicit_fit(x[:, k].numpy(), alpha=1.1)[1], rel=1e-10
+        )
+
+
+def test_a_column_mostly_of_one_bf16_value_keeps_its_distinct_pairs():
+    # bf16-quantized projections where 40 of 64 micro-batches give the same value: the median absolute deviation
+    # is 0, so the tie threshold is 0. Only exactly equal pairs are ties; the 24 other values still fit a scale
+    # (dropping nothing, or everything, would give scale 0 and inject no noise along this direction).
+    draws = sample_symmetric_stable(
+        (64,), 1.5, 0.2, generator=torch.Generator().manual_seed(8), dtype=torch.float64
+    )
+    column = draws.to(torch.bfloat16).double()
+    column[:40] = column[0]
+    x = torch.stack([column, draws], dim=1)
+    fit = fit_directional_noise(x)
+    alpha, scale = explicit_fit(column.numpy())
+    assert fit.scale_K[0].item() > 0 and math.isfinite(fit.scale_K[0].item())
+    assert fit.alpha_K[0].item() == pytest.approx(alpha, rel=1e-10)
+    assert fit.scale_K[0].item() == pytest.approx(scale, rel=1e-10)
+
+
+def test_scale_below_alpha_one_is_recovered_to_a_few_percent():
+    # α = 0.6 puts the most weight on Euler's constant (γ(1/α − 1) = 0.38) and on 2^(1/α) = 3.2: the mean over
+    # 32 columns of 512 draws is within 1.6% of the truth on this seed (sd ~1%); γ = 0.5 would give +6.9%.
+    x = sample_symmetric_stable(
+        (512, 32), 0.6, 2.0, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    ratio = (fit_directional_noise(x, alpha=0.6).scale_K / 2.0).mean().item()
+    assert ratio == pytest.approx(1.0, abs=0.035)
+
+
+def test_raw_fit_gives_a_flat_column_alpha_two_and_takes_gaussian_scales_at_alpha_two():
+    # clip_alpha=False returns α̂ as estimated, but a constant column still gets α = 2 (not inf) and scale 0, and
+    # the scale of a column whose α̂ exceeds 2 is taken at α = 2.
+    g = torch.Generator().manual_seed(0)
+    gaussian = sample_symmetric_stable((256, 2), 2.0, 0.5, generator=g, dtype=torch.float64)[:, 1]
+    x = torch.stack([torch.full((256,), 4.0, dtype=torch.float64), gaussian], dim=1)
+    raw = fit_directional_noise(x, clip_alpha=False)
+    clipped = fit_directional_noise(x)
+    assert raw.alpha_K[0].item() == 2.0 and raw.scale_K[0].item() == 0.0
+    assert raw.alpha_K[1].item() > 2.0  # this Gaussian sample spreads log|D| a little less than π²/8
+    assert clipped.alpha_K[1].item() == 2.0
+    assert raw.scale_K[1].item() == pytest.approx(explicit_fit(gaussian.numpy(), alpha=2.0)[1], rel=1e-10)
+    assert clipped.scale_K[1].item() == raw.scale_K[1].item()
+
+
+def test_fit_accepts_exactly_the_minimum_number_of_micro_batches():
+    x = sample_symmetric_stable((32, 2), 1.5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    fit = fit_directional_noise(x)
+    assert torch.isfinite(fit.scale_K).all() and (fit.scale_K > 0).all()
+
+
+def test_clipped_alpha_is_floored_at_one_half():
+    # A column of α = 0.3 draws estimates α̂ < 0.5: the fit floors it there (and takes the scale at 0.5).
+    x = sample_symmetric_stable(
+        (256, 1), 0.3, generator=torch.Generator().manual_seed(4), dtype=torch.float64
+    )
+    raw, fit = fit_directional_noise(x, clip_alpha=False), fit_directional_noise(x)
+    assert raw.alpha_K.item() < 0.5 and fit.alpha_K.item() == 0.5
+    assert fit.scale_K.item() == pytest.approx(explicit_fit(x[:, 0].numpy(), alpha=0.5)[1], rel=1e-10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hf_levy import sample_symmetric_stable
@@ -129,3 +130,28 @@ def test_step_noise_scales_follow_the_formula_in_each_mode():
         **{**common, "max_noise_ratio": 0.1},
     )
     assert capped.capped and abs(float(capped.coef_K.norm()) - 0.3) < 1e-12
+
+
+def test_isotropic_noise_of_heavy_tails_without_clip_keeps_its_norm_where_float32_squares_overflow():
+    # alpha = 0.3 unclipped over 1e6 coordinates: the largest draws square far beyond float32's 3.4e38, so the
+    # norm must be summed in float64 (a float32 sum is inf and turns the noise into zeros).
+    n = 1_000_000
+    xi = isotropic_noise(n, 3.0, 0.3, step_generator(0, 2), clip=None)
+    z = sample_symmetric_stable((n,), 0.3, generator=step_generator(0, 2), dtype=torch.float32).double()
+    assert z.square().max() > torch.finfo(torch.float32).max  # the case is real: float32 squares overflow
+    assert xi.dtype == torch.float32 and torch.isfinite(xi).all()
+    assert xi.double().norm().item() == pytest.approx(3.0, rel=1e-5)
+    torch.testing.assert_close(xi.double(), z * (3.0 / z.norm()), rtol=1e-5, atol=1e-30)
+
+
+def test_isotropic_noise_sums_its_squared_norm_through_reduce():
+    # Under FSDP each rank holds a piece: the norm is over all pieces, the sum of squares passing through reduce.
+    calls = []
+
+    def reduce(t):
+        calls.append(t.dtype)
+        return t * 4  # as if three more ranks held pieces of the same size
+
+    xi = isotropic_noise(1000, 2.0, 1.5, step_generator(1, 1), clip=10.0, reduce=reduce)
+    assert calls == [torch.float64]
+    assert xi.double().norm().item() == pytest.approx(2.0 / 2, rel=1e-6)
