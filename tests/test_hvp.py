@@ -3,6 +3,8 @@ loss_gradient against torch.func.grad."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -10,7 +12,7 @@ from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev
 
 from hf_levy import DoubleBackwardError, make_hvp, trainable_parameters
-from hf_levy.hvp import loss_gradient
+from hf_levy.hvp import finite_difference_step, loss_gradient
 
 
 class TinyMLP(nn.Module):
@@ -266,3 +268,83 @@ def test_bad_arguments_are_named():
         make_hvp(nn.Linear(5, 3).double(), {"input": batch["x"]}, params[:1])
     with pytest.raises(ValueError, match="length"):
         make_hvp(model, batch, params)(torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["autograd", "finite_difference"])
+def test_a_float32_model_answers_a_float64_vector_in_float64(method):
+    # The documented dtype: the wider of the vector's and the parameters'. Truth: the dense Hessian of a float64
+    # copy of the model; the float32 model agrees to float32 accuracy.
+    model, batch, params = mlp_problem(torch.float32)
+    model64 = copy.deepcopy(model).double()
+    H = dense_hessian(model64, {k: t.double() for k, t in batch.items()}, trainable_parameters(model64))
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    hv = make_hvp(model, batch, params, method=method)(v)
+    assert hv.dtype == torch.float64
+    assert ((hv - H @ v).norm() / (H @ v).norm()).item() < (1e-5 if method == "autograd" else 5e-3)
+    assert make_hvp(model, batch, params, method=method)(v.float()).dtype == torch.float32
+
+
+class PartlyLinear(nn.Module):
+    """loss = a·x + (b·x)² + 0·c: linear in a (its gradient is a constant), quadratic in b, and c unused."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([0.5, -1.0], dtype=torch.float64))
+        self.b = nn.Parameter(torch.tensor([2.0, 1.0], dtype=torch.float64))
+        self.c = nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def forward(self, x):
+        return {"loss": (self.a * x).sum() + (self.b * x).sum() ** 2}
+
+
+@pytest.mark.parametrize("method", ["autograd", "finite_difference"])
+def test_parameters_the_loss_is_linear_in_or_does_not_use_have_zero_hessian_rows(method):
+    model = PartlyLinear()
+    x = torch.tensor([3.0, -2.0], dtype=torch.float64)
+    params = trainable_parameters(model)
+    # d²/db² (b·x)² = 2 x xᵀ; every other block is zero
+    H = torch.zeros(7, 7, dtype=torch.float64)
+    H[2:4, 2:4] = 2 * torch.outer(x, x)
+    v = torch.tensor([1.0, 2.0, -1.0, 0.5, 3.0, 3.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(
+        make_hvp(model, {"x": x}, params, method=method)(v), H @ v, rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("method", ["autograd", "finite_difference"])
+def test_the_zero_vector_gives_the_zero_product(method):
+    model, batch, params = mlp_problem()
+    hvp = make_hvp(model, batch, params, method=method)
+    out = hvp(torch.zeros(sum(p.numel() for p in params), dtype=torch.float64))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_difference_step_is_the_documented_formula(dtype):
+    # ε = u^(1/3) (1 + ‖θ‖) / √P with u the unit roundoff, eps/2.
+    model, _, params = mlp_problem(dtype)
+    theta = torch.cat([p.detach().double().reshape(-1) for p in params])
+    u = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}[dtype]
+    expected = u ** (1 / 3) * (1 + theta.norm().item()) / theta.numel() ** 0.5
+    assert finite_difference_step(params) == pytest.approx(expected, rel=1e-6)
+
+
+def test_finite_difference_products_are_exact_on_a_quadratic_at_any_step():
+    # A quadratic's central difference has no truncation error: only the step (and the 2 in 2ε) decide.
+    A = torch.tensor([[2.0, 1.0, 0.0], [1.0, 3.0, -1.0], [0.0, -1.0, 4.0]], dtype=torch.float64)
+    w = nn.Parameter(torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64))
+    loss_fn = lambda m, b: 0.5 * w @ A @ w + w.sum() ** 3 * 0  # noqa: E731
+    v = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    for step in (1e-4, 1e-2, 1.0):
+        hvp = make_hvp(nn.Module(), {}, [w], method="finite_difference", loss_fn=loss_fn, fd_step=step)
+        torch.testing.assert_close(hvp(v), A @ v, rtol=1e-8, atol=1e-8)
+    assert torch.equal(w.detach(), torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64))
+
+
+def test_a_non_scalar_loss_or_a_bad_step_is_rejected_naming_it():
+    model, batch, params = mlp_problem()
+    with pytest.raises(ValueError, match="scalar"):
+        make_hvp(model, batch, params, loss_fn=lambda m, b: m(**b)["loss"].expand(2))
+    for bad in (0.0, -1e-3):
+        with pytest.raises(ValueError, match="fd_step"):
+            make_hvp(model, batch, params, method="finite_difference", fd_step=bad)

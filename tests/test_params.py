@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from hf_levy.params import ParameterSpace, flatten, unflatten
+from hf_levy.params import ParameterSpace, flatten, trainable_parameters, unflatten
 
 
 def params():
@@ -71,3 +72,55 @@ def test_add_combination_to_grads_with_bfloat16_vectors_casts_into_the_float32_g
     assert all(p.grad.dtype == torch.float32 for p in ps)
     got = torch.cat([p.grad.reshape(-1) for p in ps]).double()
     torch.testing.assert_close(got, truth, rtol=1e-2, atol=1e-2)
+
+
+def test_flatten_casts_to_the_requested_dtype_and_otherwise_keeps_the_tensors_dtype():
+    ps = params()
+    wide = flatten(ps, dtype=torch.float64)
+    assert wide.dtype == torch.float64
+    assert torch.equal(wide, torch.cat([p.detach().double().reshape(-1) for p in ps]))
+    assert flatten(ps).dtype == torch.float32
+    half = [torch.ones(2, dtype=torch.bfloat16), torch.ones(3, dtype=torch.bfloat16)]
+    assert flatten(half).dtype == torch.bfloat16 and flatten(half, dtype=torch.float32).dtype == torch.float32
+
+
+def test_trainable_parameters_are_the_requires_grad_ones_in_module_order():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1), nn.Linear(1, 2))
+    model[1].requires_grad_(False)
+    expected = [model[0].weight, model[0].bias, model[2].weight, model[2].bias]
+    got = trainable_parameters(model)
+    assert len(got) == 4 and all(a is b for a, b in zip(got, expected, strict=True))
+
+
+def test_unflatten_rejects_a_vector_of_the_wrong_length_naming_the_expected_one():
+    with pytest.raises(ValueError, match="length 10"):
+        unflatten(torch.zeros(9), params())
+    with pytest.raises(ValueError, match="length 10"):
+        unflatten(torch.zeros(11), params())
+
+
+def test_grad_norm_is_the_euclidean_norm_of_all_gradients_together():
+    ps = params()
+    ps[0].grad = torch.tensor([[3.0, -4.0], [0.0, 0.0], [1.0, 0.0]])
+    ps[1].grad = torch.tensor([0.0, -2.0, 0.0, 0.0])
+    assert ParameterSpace(ps).grad_norm() == pytest.approx(
+        30**0.5, rel=1e-6
+    )  # sqrt(9 + 16 + 1 + 4), float32 norms
+    assert ParameterSpace(params()).grad_norm() == 0.0  # no gradients yet
+
+
+def test_add_combination_to_grads_with_bfloat16_grads_adds_in_their_dtype():
+    # Vectors and gradients in bfloat16 (a bf16 model): the sum lands in the bf16 grads, to bf16 rounding.
+    ps = [
+        nn.Parameter(torch.zeros(6, dtype=torch.bfloat16)),
+        nn.Parameter(torch.zeros(4, dtype=torch.bfloat16)),
+    ]
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    vectors_PK = _orthonormal_columns(10, 2, torch.bfloat16)
+    coef = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    ParameterSpace(ps).add_combination_to_grads(vectors_PK, coef)
+    got = torch.cat([p.grad.reshape(-1) for p in ps]).double()
+    truth = 1.0 + vectors_PK.double() @ coef
+    assert all(p.grad.dtype == torch.bfloat16 for p in ps)
+    torch.testing.assert_close(got, truth, rtol=0, atol=2e-2)

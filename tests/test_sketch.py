@@ -93,3 +93,51 @@ def test_state_round_trip():
     assert restored.step == 4 and torch.equal(restored.vectors_PK, s.vectors_PK)
     assert torch.equal(restored.values_K, s.values_K)
     assert sketch().state_dict() == {}
+
+
+@pytest.mark.parametrize("bad", ["values", "vectors"])
+def test_non_finite_eigenpairs_from_lanczos_are_discarded_and_the_last_good_sketch_kept(monkeypatch, bad):
+    # The last guard before the noise: lanczos already raises on a non-finite product, but should a refresh still
+    # return non-finite eigenpairs, they are dropped like a failed refresh, never handed to the noise.
+    import hf_levy.sketch
+
+    A, _ = planted()
+    s = sketch()
+    s.refresh(lambda v: A @ v, 60, step=0)
+    good = (s.values_K.clone(), s.vectors_PK.clone())
+    real = hf_levy.sketch.lanczos
+
+    def poisoned(*args, **kwargs):
+        pairs = real(*args, **kwargs)
+        values, vectors = pairs.values.clone(), pairs.vectors.clone()
+        (values if bad == "values" else vectors)[0] = float("nan")
+        return Eigenpairs(values, vectors, pairs.residuals, pairs.num_matvecs, pairs.converged)
+
+    monkeypatch.setattr(hf_levy.sketch, "lanczos", poisoned)
+    with pytest.warns(UserWarning, match="non-finite eigenpairs"):
+        assert s.refresh(lambda v: A @ v, 60, step=5) == {}
+    assert s.step == 0 and torch.equal(s.values_K, good[0]) and torch.equal(s.vectors_PK, good[1])
+
+
+def test_vectors_are_kept_in_the_configured_dtype_and_restored_values_in_float64():
+    A, spectrum = planted()
+    s = HessianSketch(
+        SketchSettings(num_eigenpairs=3, num_iters=40, tol=1e-3, seed=0, vector_dtype=torch.bfloat16)
+    )
+    s.refresh(lambda v: A.to(v.dtype) @ v, 60, step=0)
+    assert s.vectors_PK.dtype == torch.bfloat16
+    torch.testing.assert_close(s.values_K, spectrum[:3], rtol=3e-2, atol=0)  # bf16 storage: ~1e-2 accuracy
+    restored = HessianSketch(s.settings)
+    restored.load_state_dict({k: v.float() if k == "values" else v for k, v in s.state_dict().items()})
+    assert restored.values_K.dtype == torch.float64 and restored.vectors_PK.dtype == torch.bfloat16
+
+
+def test_refresh_stops_at_the_configured_tolerance():
+    # A loose tolerance stops earlier than a tight one on the same operator and start.
+    A, _ = planted()
+    loose = HessianSketch(
+        SketchSettings(num_eigenpairs=3, num_iters=60, tol=1e-2, seed=0, vector_dtype=torch.float64)
+    )
+    tight = sketch(iters=60)
+    products = [s.refresh(lambda v: A @ v, 60, step=0)["curvature/hvp_count"] for s in (loose, tight)]
+    assert products[0] < products[1], products
