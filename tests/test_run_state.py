@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -75,3 +76,106 @@ def test_run_state_round_trips_the_sketch_schedule_and_calibration():
     assert torch.equal(restored.sketch.vectors_PK, run.sketch.vectors_PK)
     assert torch.equal(restored.calibration.scale_K, run.calibration.scale_K)
     assert restored.schedule.total_seconds == run.schedule.total_seconds
+
+
+def _accumulating(steps):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        seed=3, gradient_accumulation_steps=steps, per_device_train_batch_size=4, world_size=1
+    )
+
+
+def test_physical_batch_counts_gradient_accumulation_and_the_whole_set_is_full_batch():
+    from hf_levy import LevyArguments
+    from hf_levy.run_state import start_run
+
+    model, levy = torch.nn.Linear(3, 2), LevyArguments(sketch_batch_size=16)
+    run = start_run(levy, _accumulating(2), model, _loader(n=16, batch=4))
+    assert run.physical_batch_size == 8  # 4 per micro-batch x 2 accumulated: B, as the calibration needs it
+    assert start_run(levy, _accumulating(4), model, _loader()).physical_batch_size is None
+
+
+def test_run_settings_follow_the_levy_fields_and_fit_a_small_model():
+    from hf_levy import LevyArguments
+    from hf_levy.run_state import sketch_settings, start_run
+
+    model = torch.nn.Linear(3, 2)  # 8 parameters
+    levy = LevyArguments(sketch_batch_size=16, levy_seed=7, num_eigenpairs=10, lanczos_num_iters=48)
+    run = start_run(levy, _args(), model, _loader())
+    assert run.seed == 7  # levy_seed wins over the Trainer's seed
+    settings = run.sketch.settings
+    assert (settings.num_eigenpairs, settings.num_iters) == (8, 8)  # capped at P
+    assert settings.vector_dtype == torch.float32 and settings.basis_device is None
+    space = run.space
+    bf16 = sketch_settings(LevyArguments(sketch_dtype="bfloat16", sketch_offload="basis"), space, 0)
+    assert bf16.vector_dtype == torch.bfloat16
+    assert bf16.basis_device == torch.device("cpu") and bf16.vector_device == space.device
+    offload_all = sketch_settings(LevyArguments(sketch_offload="all"), space, 0)
+    assert offload_all.basis_device == torch.device("cpu") == offload_all.vector_device
+    float64 = start_run(levy, _args(), torch.nn.Linear(3, 2).double(), _loader())
+    assert float64.sketch.settings.vector_dtype == torch.float64  # whatever sketch_dtype says
+
+
+def test_a_sketch_batch_of_the_whole_training_set_is_allowed():
+    from hf_levy import LevyArguments
+    from hf_levy.run_state import start_run
+
+    run = start_run(LevyArguments(sketch_batch_size=16), _args(), torch.nn.Linear(3, 2), _loader(n=16))
+    assert run.sketch.settings.num_eigenpairs == 8
+
+
+def test_examples_per_batch_ignores_a_loader_that_reports_zero():
+    from types import SimpleNamespace
+
+    from hf_levy.run_state import examples_per_batch
+
+    args = SimpleNamespace(per_device_train_batch_size=8, world_size=2)
+    assert examples_per_batch(SimpleNamespace(total_batch_size=0), args) == 16
+
+
+def test_log_metrics_report_the_window_then_start_afresh_and_the_summary_keeps_only_run_shares():
+    from hf_levy import LevyArguments
+    from hf_levy.calibration import DirectionalNoise
+    from hf_levy.noise import NoiseDraw
+    from hf_levy.run_state import start_run
+
+    run = start_run(
+        LevyArguments(sketch_batch_size=4, num_eigenpairs=2), _args(), torch.nn.Linear(3, 2), _loader()
+    )
+    with run.schedule.refreshing():
+        run.sketch.refresh(lambda v: torch.arange(1.0, 9.0).to(v) * v, run.space.dim, step=0)
+    draw = NoiseDraw(torch.zeros(2, dtype=torch.float64), num_clipped=1, capped=True)
+    for tally in (run.noise_window, run.noise_total):
+        tally.add(draw, 2.0, 4.0)
+    first = run.log_metrics(summary=False, alpha=1.5)
+    assert first["levy/alpha"] == 1.5 and first["levy/noise_to_grad_ratio"] == 0.5
+    assert first["levy/capped_fraction"] == 1.0 and first["levy/clipped_fraction"] == 0.5
+    assert not any(k.startswith("levy/") for k in run.log_metrics(summary=False, alpha=1.5))  # window emptied
+    run.noise_window.add(draw, 2.0, 4.0)
+    run.calibration = DirectionalNoise(torch.tensor([1.5, 2.0]), torch.tensor([0.1, 0.2]))
+    assert "levy/alpha" not in run.log_metrics(
+        summary=False, alpha=1.5
+    )  # calibrated: α per direction instead
+    summary = run.log_metrics(summary=True, alpha=1.5)
+    assert set(summary) == {
+        "curvature/sketch_seconds_total",
+        "levy/run_capped_fraction",
+        "levy/run_clipped_fraction",
+    }
+
+
+def test_isotropic_noise_is_the_isotropic_stream_of_the_step_rescaled_to_the_norm():
+    from hf_levy import LevyArguments, rng
+    from hf_levy.noise import isotropic_noise
+    from hf_levy.rng import step_generator
+    from hf_levy.run_state import start_run
+
+    run = start_run(
+        LevyArguments(sketch_batch_size=4, num_eigenpairs=2), _args(), torch.nn.Linear(3, 2), _loader()
+    )
+    run.sketch.refresh(lambda v: torch.arange(1.0, 9.0).to(v) * v, run.space.dim, step=0)
+    xi = run.isotropic_noise(2.5, 1.5, 10.0, step=6)
+    want = isotropic_noise(8, 2.5, 1.5, step_generator(run.seed + rng.ISOTROPIC, 6), clip=10.0)
+    assert torch.equal(xi, want.to(run.sketch.vectors_PK.dtype))
+    assert xi.double().norm().item() == pytest.approx(2.5, rel=1e-6)

@@ -208,3 +208,36 @@ def test_schedule_state_round_trips_through_its_checkpoint_keys(fake_clock):
     fresh = RefreshSchedule(every_n_steps=3)
     fresh.load_state_dict(RefreshSchedule(every_n_steps=3).state_dict())
     assert (fresh.total_seconds, fresh.refresh_seconds, fresh.deferred_to) == (0.0, None, None)
+
+
+def test_schedule_rounds_the_wait_up_so_the_budget_is_never_exceeded(fake_clock):
+    # 20 s refresh, 3 s steps, budget 0.5: 20 / (0.5 x 3) = 13.3 steps, so the refresh waits 14 (13 would spend
+    # 20 s against 39 s of training, 51% > 50%).
+    schedule = RefreshSchedule(every_n_steps=2, max_overhead=0.5)
+    assert drive(schedule, fake_clock, 30, 3.0) == [0, 14, 28]
+
+
+def test_a_resumed_schedule_times_a_step_before_pricing_the_saved_refresh(fake_clock):
+    # The checkpoint holds a 20 s refresh whose deferral was not decided yet. After the resume the first call can
+    # time nothing, so it defers; the steps then take 2 s: the wait is ceil(20 / (0.5 x 2)) = 20 steps from the
+    # saved refresh (step 10), i.e. step 30. Forgetting the saved 20 s would refresh at once (step 13).
+    saved = RefreshSchedule(every_n_steps=3, max_overhead=0.5)
+    with saved.refreshing():
+        fake_clock.now += REFRESH_SECONDS
+    resumed = RefreshSchedule(every_n_steps=3, max_overhead=0.5)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.refresh_seconds == REFRESH_SECONDS and resumed.deferred_to is None
+    due = []
+    for step in range(13, 35):
+        if resumed.due(step, last_refresh=10):
+            due.append(step)
+            break
+        fake_clock.now += 2.0
+    assert due == [30]
+
+
+def test_the_refresh_itself_is_not_timed_as_a_training_step(fake_clock):
+    # Steps of 1 s around a 20 s refresh: the step after the refresh is timed from the refresh's end, so the wait
+    # is ceil(20 / (0.5 x 1)) = 40 steps; counting the refresh into that step (21 s) would wait only 2.
+    schedule = RefreshSchedule(every_n_steps=1, max_overhead=0.5)
+    assert drive(schedule, fake_clock, 45, 1.0) == [0, 40]
