@@ -33,7 +33,7 @@ from torch import Tensor
 from transformers import TrainerCallback
 
 from hf_levy.calibration import calibrate_to_virtual_batch
-from hf_levy.callback_wiring import checkpoint_folder, move_to_front, resumed_checkpoint
+from hf_levy.callback_wiring import checkpoint_folder, install_first, move_to_front, resumed_checkpoint
 from hf_levy.config import LevyArguments
 from hf_levy.hvp import DoubleBackwardError, LossFn
 from hf_levy.levy_state import load_levy_state, save_levy_state
@@ -91,34 +91,18 @@ class LevyCallback(TrainerCallback):
                 "hf_levy does not support DeepSpeed: it runs the optimizer step inside backward, before any "
                 "callback can add noise. Use DDP (`accelerate launch --multi_gpu`) or FSDP instead."
             )
-        callbacks = trainer.callback_handler.callbacks
-        if any(c is self for c in callbacks):  # also passed in callbacks=[...]: run its events once
-            callbacks.remove(self)
-        callbacks.insert(0, self)
+        install_first(self, trainer)
         self._attached = True
-        save_checkpoint, load_optimizer = trainer._save_checkpoint, trainer._load_optimizer_and_scheduler
-
-        def _save_checkpoint(model, trial):
-            name = f"checkpoint-{trainer.state.global_step}"
-            self.save_state(os.path.join(trainer._get_output_dir(trial=trial), name), trainer.args)
-            self._saved_step = trainer.state.global_step
-            save_checkpoint(model, trial)
-
-        def _load_optimizer_and_scheduler(checkpoint):
-            load_optimizer(checkpoint)
-            self.load_state(checkpoint)
-
-        trainer._save_checkpoint = _save_checkpoint
-        trainer._load_optimizer_and_scheduler = _load_optimizer_and_scheduler
-        clip_grad_norm = getattr(trainer, "_clip_grad_norm", None)
-        if clip_grad_norm is not None:  # transformers 5.x: returns the pre-clip norm; calibration needs it
-
-            def _clip_grad_norm(model):
-                self._pre_clip_norm = clip_grad_norm(model)
-                return self._pre_clip_norm
-
-            trainer._clip_grad_norm = _clip_grad_norm
         return self
+
+    def _saving(self, checkpoint_dir: str, args: Any, step: int) -> None:
+        """attach's hook before the Trainer writes checkpoint ``step``: the sketch goes in first."""
+        self.save_state(checkpoint_dir, args)
+        self._saved_step = step
+
+    def _clipped(self, pre_clip_norm: Any) -> None:
+        """attach's hook after max_grad_norm clipping: the norm before it (calibration needs it)."""
+        self._pre_clip_norm = pre_clip_norm
 
     def save_state(self, checkpoint_dir: str, args: Any) -> None:
         """Write the sketch, the calibration and the schedule into ``checkpoint_dir``: by the main process

@@ -22,6 +22,40 @@ from transformers.trainer_callback import CallbackHandler
 TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer's state in each checkpoint folder
 
 
+def install_first(callback: Any, trainer: Any) -> None:
+    """``LevyCallback.attach``: put ``callback`` first in ``trainer``'s list (once, even if it was passed in
+    ``callbacks=[...]`` too) and wrap three private Trainer methods no public event replaces: the checkpoint
+    save (the sketch file goes in before the Trainer's own files, so a Hub push of the folder includes it),
+    the checkpoint load (the exact folder resumed from) and the gradient clipping (the pre-clip norm)."""
+    callbacks = trainer.callback_handler.callbacks
+    if any(c is callback for c in callbacks):
+        callbacks.remove(callback)
+    callbacks.insert(0, callback)
+    save_checkpoint, load_optimizer = trainer._save_checkpoint, trainer._load_optimizer_and_scheduler
+
+    def _save_checkpoint(model, trial):
+        step = trainer.state.global_step
+        folder = os.path.join(trainer._get_output_dir(trial=trial), f"checkpoint-{step}")
+        callback._saving(folder, trainer.args, step)
+        save_checkpoint(model, trial)
+
+    def _load_optimizer_and_scheduler(checkpoint):
+        load_optimizer(checkpoint)
+        callback.load_state(checkpoint)
+
+    trainer._save_checkpoint = _save_checkpoint
+    trainer._load_optimizer_and_scheduler = _load_optimizer_and_scheduler
+    clip_grad_norm = getattr(trainer, "_clip_grad_norm", None)
+    if clip_grad_norm is not None:  # transformers 5.x: returns the pre-clip norm
+
+        def _clip_grad_norm(model):
+            norm = clip_grad_norm(model)
+            callback._clipped(norm)
+            return norm
+
+        trainer._clip_grad_norm = _clip_grad_norm
+
+
 def move_to_front(callback: TrainerCallback) -> bool:
     """Move ``callback`` to the head of the list of the Trainer that is running one of its events.
 
