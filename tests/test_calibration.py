@@ -15,13 +15,17 @@ import torch
 from least_squares import LeastSquares, features, optimum, orthonormal_directions
 from torch import nn
 
+from hf_levy import rng
 from hf_levy.calibration import (
     DirectionalNoise,
+    calibrate_to_virtual_batch,
     fit_directional_noise,
     injected_scale,
     microbatch_projections,
     variance_share,
 )
+from hf_levy.params import ParameterSpace
+from hf_levy.rng import step_generator
 from hf_levy.stable import sample_symmetric_stable
 
 P, K, SIGMA = 6, 3, 0.8
@@ -360,3 +364,37 @@ def test_clipped_alpha_is_floored_at_one_half():
     raw, fit = fit_directional_noise(x, clip_alpha=False), fit_directional_noise(x)
     assert raw.alpha_K.item() < 0.5 and fit.alpha_K.item() == 0.5
     assert fit.scale_K.item() == pytest.approx(explicit_fit(x[:, 0].numpy(), alpha=0.5)[1], rel=1e-10)
+
+
+# ---------------------------------------------------------------- calibrate_to_virtual_batch (no Trainer)
+def test_calibration_draws_its_micro_batches_from_its_stream_and_injects_the_composed_scale():
+    # N examples with residuals ε_j (K,): the gradient of micro-batch m at w* projects on q_k as
+    # −(s_k/b) Σ_{j in m} ε_jk, so the fitted law is that of the closed-form table of the drawn indices,
+    # and the injected scale tops batch B's noise up to batch b's (injected_scale).
+    n, b, m, big_b = 200, 4, 40, 64
+    q, w_star = orthonormal_directions(P, K), optimum(P)
+    eps = torch.from_numpy(
+        scipy.stats.levy_stable.rvs(1.5, 0.0, scale=SIGMA, size=(n, K), random_state=np.random.default_rng(3))
+    )
+    x = features(S_K, q)
+    dataset = [{"features": x, "targets": x @ w_star + e} for e in eps]
+    collate = lambda rows: {key: torch.stack([r[key] for r in rows]) for key in rows[0]}  # noqa: E731
+    model = LeastSquares(w_star)
+    space = ParameterSpace([model.w])
+    calibrate = lambda **kw: calibrate_to_virtual_batch(  # noqa: E731
+        model, dataset, collate, space, q, virtual_batch_size=b, num_microbatches=m, seed=9, step=12, **kw
+    )
+    noise, share = calibrate(physical_batch_size=big_b)
+    indices = torch.randint(n, (m, b), generator=step_generator(9 + rng.CALIBRATION, 12))
+    table = -(S_K / b) * eps[indices].sum(1)  # (M, K)
+    fit = fit_directional_noise(table)
+    torch.testing.assert_close(noise.alpha_K, fit.alpha_K, rtol=1e-9, atol=0)
+    torch.testing.assert_close(
+        noise.scale_K, injected_scale(fit.scale_K, fit.alpha_K, b, big_b), rtol=1e-9, atol=0
+    )
+    assert share == pytest.approx(1.0, rel=1e-9)  # every gradient lies in span(q)
+    fixed, _ = calibrate(physical_batch_size=None, alpha=1.2)  # full batch: c_inj = c_b
+    assert torch.equal(fixed.alpha_K, torch.full((K,), 1.2, dtype=torch.float64))
+    torch.testing.assert_close(
+        fixed.scale_K, fit_directional_noise(table, alpha=1.2).scale_K, rtol=1e-9, atol=0
+    )

@@ -141,3 +141,13 @@ def test_refresh_stops_at_the_configured_tolerance():
     tight = sketch(iters=60)
     products = [s.refresh(lambda v: A @ v, 60, step=0)["curvature/hvp_count"] for s in (loose, tight)]
     assert products[0] < products[1], products
+
+
+def test_failure_says_why_the_last_refresh_was_discarded_and_clears_with_a_good_one():
+    A, _ = planted()
+    s = sketch()
+    with pytest.warns(UserWarning, match="discarded"):
+        s.refresh(lambda v: A @ v * float("nan"), 60, step=0)
+    assert "non-finite" in s.failure and s.attempted == 0 and not s.ready
+    s.refresh(lambda v: A @ v, 60, step=3)
+    assert s.failure is None and (s.attempted, s.step) == (3, 3)
