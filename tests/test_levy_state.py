@@ -103,3 +103,30 @@ def test_resuming_from_a_sketch_file_with_nan_vectors_stops_before_any_weight_ch
     resumed = run_levy(tmp_path, name="fresh", resume=str(tmp_path / "full" / "checkpoint-3"), **settings)
     assert torch.isfinite(flat_params(resumed)).all()
     assert resumed.levy_callback.run.sketch.step == 3  # a fresh sketch at the resume step
+
+
+def test_fsdp_ranks_write_their_own_pieces_and_each_reads_back_its_own(tmp_path):
+    # Under FSDP every rank writes levy_state_rank{r}; a rank reads its piece before any replicated file.
+    folder = str(tmp_path / "ckpt")
+    for rank in (0, 1):
+        save_levy_state(folder, {"values": torch.full((2,), float(rank))}, {}, sharded=True, rank=rank)
+    save_levy_state(folder, {"values": torch.full((2,), 9.0)}, {}, sharded=False, rank=0)
+    assert sorted(os.listdir(folder)) == [
+        "levy_state.safetensors",
+        "levy_state_rank0.safetensors",
+        "levy_state_rank1.safetensors",
+    ]
+    for rank in (0, 1):
+        path, saved = load_levy_state(folder, rank=rank)
+        assert path.endswith(f"levy_state_rank{rank}.safetensors") and saved["values"].tolist() == [rank] * 2
+    path, saved = load_levy_state(folder, rank=2)  # no piece of its own: the replicated file
+    assert path.endswith("levy_state.safetensors") and saved["values"].tolist() == [9.0, 9.0]
+    assert load_levy_state(str(tmp_path / "empty"), rank=0) is None
+
+
+def test_saved_tensors_keep_their_dtypes(tmp_path):
+    tensors = {"values": torch.tensor([1.0 + 1e-12], dtype=torch.float64), "step": torch.tensor(7)}
+    save_levy_state(str(tmp_path), tensors, {}, sharded=False, rank=0)
+    _, saved = load_levy_state(str(tmp_path), rank=0)
+    assert saved["values"].dtype == torch.float64 and saved["values"].item() == 1.0 + 1e-12
+    assert saved["step"].dtype == torch.int64
