@@ -108,3 +108,39 @@ def test_command_line_flags_parse_with_choices(tmp_path):
     assert cfg.levy_alpha == 1.1 and cfg.hvp_method == "finite_difference" and cfg.sketch_offload == "basis"
     with pytest.raises(SystemExit):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--hvp_method", "exact"])
+
+
+def test_the_edges_of_every_range_are_accepted():
+    edges = LevyArguments(
+        levy_alpha=2.0,  # Gaussian
+        levy_scale=0.0,  # noise off
+        levy_clip=1e-9,
+        levy_max_noise_ratio=1e-9,
+        num_eigenpairs=1,
+        lanczos_num_iters=1,  # = num_eigenpairs
+        sketch_every_n_steps=1,
+        sketch_batch_size=1,
+        lanczos_tol=1e-12,
+        sketch_max_overhead=1e-9,
+        levy_virtual_batch_size=1,
+        calibration_num_microbatches=32,
+    )
+    assert (edges.levy_alpha, edges.levy_scale, edges.calibration_num_microbatches) == (2.0, 0.0, 32)
+    assert LevyArguments(levy_scale=1, levy_alpha=1).levy_scale == 1  # an int is a float here
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("levy_max_noise_ratio", 0.0),
+        ("sketch_max_overhead", 0.0),
+        ("sketch_max_overhead", float("nan")),
+        ("lanczos_tol", float("inf")),
+        ("levy_virtual_batch_size", -3),
+        ("sketch_batch_size", -1),
+        ("num_eigenpairs", False),
+    ],
+)
+def test_just_outside_a_range_is_rejected_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        LevyArguments(**{field: value})
