@@ -458,3 +458,64 @@ def test_noise_to_grad_ratio_is_the_mean_over_each_logging_window(tmp_path):
         assert h["levy/noise_to_grad_ratio"] == pytest.approx(want, rel=1e-6), h["step"]
     per_step = [ratio(s) for s in range(6)]
     assert max(per_step) > 1.5 * min(per_step)  # the draws differ enough for the mean to be told apart
+
+
+class LogRecorder(TrainerCallback):
+    """A reporting callback (TensorBoard, W&B) passed in callbacks=[...]: the keys of every log it receives."""
+
+    def __init__(self):
+        self.keys = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.keys.append(set(logs))
+
+
+def test_levy_trainer_puts_its_callback_ahead_of_the_users_reporting_callbacks(tmp_path):
+    recorder = LogRecorder()
+    trainer = run_levy(tmp_path, max_steps=2, levy_scale=0.5, callbacks=[recorder])
+    assert trainer.callback_handler.callbacks[0] is trainer.levy_callback
+    assert {"curvature/eigenvalue_0", "levy/noise_norm"} <= recorder.keys[0]
+
+
+def test_with_levy_scale_zero_no_noise_is_drawn_or_logged(tmp_path):
+    trainer = run_levy(tmp_path, max_steps=2, levy_scale=0.0)
+    assert trainer.levy_callback.noise_draws == 0
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert "curvature/eigenvalue_0" in logs[0] and not any(k.startswith("levy/noise") for k in logs[0])
+
+
+def test_calibration_keeps_levy_alpha_when_told_not_to_fit_it(tmp_path):
+    trainer = run_levy(
+        tmp_path,
+        max_steps=1,
+        levy_alpha=1.7,
+        levy_virtual_batch_size=2,
+        calibration_num_microbatches=32,
+        calibration_fit_alpha=False,
+    )
+    alpha = trainer.levy_callback.run.calibration.alpha_K
+    assert torch.equal(alpha, torch.full_like(alpha, 1.7))
+
+
+def test_a_discarded_refresh_is_not_calibrated_and_the_last_calibration_stays(tmp_path, monkeypatch):
+    # The refresh at step 3 fails (NaN products): its calibration must not run on the kept step-0 vectors.
+    calls = []
+    real_calibrate = hf_levy.callback.calibrate_to_virtual_batch
+    monkeypatch.setattr(
+        hf_levy.callback,
+        "calibrate_to_virtual_batch",
+        lambda *a, **k: calls.append(k["step"]) or real_calibrate(*a, **k),
+    )
+    real_matvec = hf_levy.callback.sketch_matvec
+    refreshes = []
+
+    def failing_second_refresh(*args, **kwargs):
+        refreshes.append(1)
+        hvp = real_matvec(*args, **kwargs)
+        return (lambda v: hvp(v) * float("nan")) if len(refreshes) == 2 else hvp
+
+    monkeypatch.setattr(hf_levy.callback, "sketch_matvec", failing_second_refresh)
+    trainer = run_levy(tmp_path, max_steps=5, levy_virtual_batch_size=2, calibration_num_microbatches=32)
+    run = trainer.levy_callback.run
+    assert run.failed_refreshes == 1 and run.sketch.step == 0
+    assert calls == [0]
