@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import warnings
 from typing import Any
 
 from torch import Tensor
 from transformers import TrainerCallback
 
-from hf_levy.calibration import calibrate_to_virtual_batch
 from hf_levy.callback_wiring import checkpoint_folder, install_first, move_to_front, resumed_checkpoint
 from hf_levy.config import LevyArguments
 from hf_levy.hvp import DoubleBackwardError, LossFn
@@ -270,31 +268,8 @@ class LevyCallback(TrainerCallback):
         return counted(sketch_matvec(run.model, batch, run.params, run.space, method, self.loss_fn), bar)
 
     def calibrate(self, step: int) -> dict[str, float]:
-        """Fit the noise of batch size b along the new eigenvectors (:func:`calibrate_to_virtual_batch`);
-        sets the injected α_K and scales c_inj_K and returns their metrics."""
-        start, run, levy = time.perf_counter(), self.run, self.levy
-        run.calibration, variance_share = calibrate_to_virtual_batch(
-            run.model,
-            run.dataset,
-            run.collate_fn,
-            run.space,
-            run.sketch.vectors_PK,
-            virtual_batch_size=levy.levy_virtual_batch_size,
-            num_microbatches=levy.calibration_num_microbatches,
-            physical_batch_size=run.physical_batch_size,
-            seed=run.seed,
-            step=step,
-            alpha=None if levy.calibration_fit_alpha else levy.levy_alpha,
-            loss_fn=self.loss_fn,
-        )
-        metrics = {f"levy/fitted_alpha_{i}": float(a) for i, a in enumerate(run.calibration.alpha_K)}
-        metrics.update(
-            {f"levy/calibrated_scale_{i}": float(c) for i, c in enumerate(run.calibration.scale_K)}
-        )
-        metrics["levy/noise_variance_share"] = variance_share  # of the batch-b noise, in the top-K span
-        metrics["curvature/calibration_gradients"] = float(levy.calibration_num_microbatches)
-        metrics["curvature/calibration_seconds"] = time.perf_counter() - start
-        return metrics
+        """Fit the noise of batch size b along the new eigenvectors (:meth:`LevyRun.calibrate`)."""
+        return self.run.calibrate(self.levy, step, self.loss_fn)
 
     def add_noise(self, step: int) -> None:
         """g ← g + ξ on this step (see :func:`hf_levy.noise_step.add_step_noise`)."""

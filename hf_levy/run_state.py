@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from hf_levy import rng
-from hf_levy.calibration import DirectionalNoise
+from hf_levy.calibration import DirectionalNoise, calibrate_to_virtual_batch
 from hf_levy.config import LevyArguments
+from hf_levy.hvp import LossFn
 from hf_levy.levy_state import FIX
 from hf_levy.noise import isotropic_noise
 from hf_levy.noise_tally import NoiseTally
@@ -73,6 +75,33 @@ class LevyRun:
         if self.skipped_nonfinite:
             metrics["levy/skipped_nonfinite_steps"] = float(self.skipped_nonfinite)
         self.sketch_metrics, self.noise_window, self.skipped_nonfinite = {}, NoiseTally(), 0
+        return metrics
+
+    def calibrate(self, levy: LevyArguments, step: int, loss_fn: LossFn | None = None) -> dict[str, float]:
+        """Fit the noise of batch size b along the current eigenvectors (:func:`calibrate_to_virtual_batch`),
+        keep the injected α_K and scales c_inj_K, and return their metrics."""
+        start = time.perf_counter()
+        self.calibration, variance_share = calibrate_to_virtual_batch(
+            self.model,
+            self.dataset,
+            self.collate_fn,
+            self.space,
+            self.sketch.vectors_PK,
+            virtual_batch_size=levy.levy_virtual_batch_size,
+            num_microbatches=levy.calibration_num_microbatches,
+            physical_batch_size=self.physical_batch_size,
+            seed=self.seed,
+            step=step,
+            alpha=None if levy.calibration_fit_alpha else levy.levy_alpha,
+            loss_fn=loss_fn,
+        )
+        metrics = {f"levy/fitted_alpha_{i}": float(a) for i, a in enumerate(self.calibration.alpha_K)}
+        metrics.update(
+            {f"levy/calibrated_scale_{i}": float(c) for i, c in enumerate(self.calibration.scale_K)}
+        )
+        metrics["levy/noise_variance_share"] = variance_share  # of the batch-b noise, in the top-K span
+        metrics["curvature/calibration_gradients"] = float(levy.calibration_num_microbatches)
+        metrics["curvature/calibration_seconds"] = time.perf_counter() - start
         return metrics
 
     def isotropic_noise(self, norm: float, alpha: float, clip: float | None, step: int) -> Tensor:

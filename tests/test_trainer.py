@@ -13,6 +13,7 @@ from transformers import TrainerCallback, TrainingArguments, default_data_collat
 
 import hf_levy.calibration
 import hf_levy.callback
+import hf_levy.run_state
 import hf_levy.noise
 from hf_levy import LevyConfig, LevyTrainer
 from hf_levy.noise import NoiseDraw
@@ -500,9 +501,9 @@ def test_calibration_keeps_levy_alpha_when_told_not_to_fit_it(tmp_path):
 def test_a_discarded_refresh_is_not_calibrated_and_the_last_calibration_stays(tmp_path, monkeypatch):
     # The refresh at step 3 fails (NaN products): its calibration must not run on the kept step-0 vectors.
     calls = []
-    real_calibrate = hf_levy.callback.calibrate_to_virtual_batch
+    real_calibrate = hf_levy.run_state.calibrate_to_virtual_batch
     monkeypatch.setattr(
-        hf_levy.callback,
+        hf_levy.run_state,
         "calibrate_to_virtual_batch",
         lambda *a, **k: calls.append(k["step"]) or real_calibrate(*a, **k),
     )
