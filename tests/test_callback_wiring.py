@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from trainer_utils import COMMON, SKETCH, flat_params, model, token_dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from hf_levy import LevyArguments, LevyCallback
+from hf_levy.callback_wiring import checkpoint_folder
 
 NOISE = dict(levy_scale=0.5, levy_seed=0)
 
@@ -133,3 +135,12 @@ def test_a_callback_both_listed_and_attached_runs_its_events_once(tmp_path):
     assert [c for c in trainer.callback_handler.callbacks if c is levy] == [levy]
     trainer.train()
     assert levy.noise_draws == 3
+
+
+def test_on_save_finds_the_checkpoint_only_where_the_trainer_wrote_it(tmp_path):
+    # A hyperparameter-search trial writes its checkpoints into a folder of its own: the callback must not create
+    # output_dir/checkpoint-<step> for the sketch file then (it warns instead).
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=5)
+    assert checkpoint_folder(args, state) is None
+    (tmp_path / "checkpoint-5").mkdir()
+    assert checkpoint_folder(args, state) == str(tmp_path / "checkpoint-5")
