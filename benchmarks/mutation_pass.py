@@ -1,0 +1,1078 @@
+"""Seeded-bug (mutation) pass: how many plausible one-line bugs in hf_levy do the tests catch?
+
+Each mutant below is one text replacement in one module of hf_levy: a sign, a bound, a dtype, an axis, a
+missing clamp, a wrong constant. The pass copies the package and its tests into a temporary directory,
+applies one mutant at a time there (the original text is written back in a ``finally``), runs that
+module's test files with ``pytest -x -q`` and records the mutant as killed (a test failed or the run hit
+the timeout) or survived. The repository given on the command line is only read: its ``hf_levy/`` is
+hashed before and after, and the temporary copy is checked to be the original again after every mutant.
+
+Mutants marked ``equivalent`` cannot change any result the module promises (the reason is given) and are
+neither run nor counted. The kill rate of a module is killed / run.
+
+    OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python benchmarks/mutation_pass.py . --markdown
+    OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python benchmarks/mutation_pass.py . --module lanczos --module hvp
+
+Test files per module run whole, slow tests included; the multi-process tests (tests/test_distributed.py)
+are left out, so code that only runs under DDP or FSDP is not mutated here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    module: str  # hf_levy/<module>.py
+    kind: str  # sign, bound, dtype, axis, clamp, constant, logic
+    old: str  # must occur exactly once in the module
+    new: str
+    equivalent: str = ""  # why no promised result can change; such mutants are not run
+
+    @property
+    def label(self) -> str:
+        first = lambda s: " ".join(s.split())[:70]  # noqa: E731
+        return f"{self.kind}: `{first(self.old)}` -> `{first(self.new)}`"
+
+
+M = Mutant
+MUTANTS = [
+    # ---------------------------------------------------------------- stable
+    M("stable", "constant", "EULER_GAMMA = 0.5772156649015329", "EULER_GAMMA = 0.5"),
+    M("stable", "bound", "return (t > 0) & (t <= 2)", "return (t > 0) & (t < 2)"),
+    M("stable", "bound", "return (t >= 0) & torch.isfinite(t)", "return (t > 0) & torch.isfinite(t)"),
+    M("stable", "constant", ".mul_((1 - alpha) / alpha)", ".mul_((1 - alpha) * alpha)"),
+    M("stable", "clamp", ".clamp_max_(math.log(max_abs) - 0.01)", ""),
+    M("stable", "bound", "bound = math.pi / 2 * (1 - 4 * finfo.eps)", "bound = math.pi / 2"),
+    M("stable", "constant", "v = u[0].sub_(0.5).mul_(math.pi)", "v = u[0].sub_(0.45).mul_(math.pi)"),
+    M("stable", "sign", "w = u[1].neg_().log1p_().neg_()", "w = u[1].log1p_()"),
+    M("stable", "constant", "x = 2 * torch.sin(v) * w.sqrt()", "x = torch.sin(v) * w.sqrt()"),
+    M("stable", "logic", "torch.where(alpha == 1, tan_v,", "torch.where(alpha == 2, tan_v,"),
+    M("stable", "clamp", "return x.clamp_(-max_out, max_out).to(dtype)", "return x.to(dtype)"),
+    M(
+        "stable",
+        "dtype",
+        "compute = torch.float64 if dtype == torch.float64 else torch.float32",
+        "compute = torch.float32",
+    ),
+    M("stable", "clamp", "x.abs().clamp_min(torch.finfo(torch.float64).tiny)", "x.abs()"),
+    M("stable", "bound", "x = x[: k1 * k2]", "x = x"),
+    M(
+        "stable",
+        "constant",
+        "bracket = 6 * var_log_abs / math.pi**2 - 0.5",
+        "bracket = 6 * var_log_abs / math.pi**2 - 0.4",
+    ),
+    M(
+        "stable",
+        "bound",
+        "min(max(estimate_tail_index(x), 0.1), 2.0)",
+        "min(max(estimate_tail_index(x), 0.1), 1.0)",
+    ),
+    M("stable", "bound", "if n < MIN_ESTIMATOR_SAMPLES:", "if n <= MIN_ESTIMATOR_SAMPLES:"),
+    M(
+        "stable",
+        "logic",
+        "return min(alpha_from_log_moments(var).item(), MAX_LOG_MOMENT_ALPHA)",
+        "return alpha_from_log_moments(var).item()",
+    ),
+    M(
+        "stable",
+        "sign",
+        "return torch.exp(mean_log_abs - EULER_GAMMA * (1 / alpha - 1))",
+        "return torch.exp(mean_log_abs + EULER_GAMMA * (1 / alpha - 1))",
+    ),
+    M(
+        "stable",
+        "sign",
+        "torch.mul(v, 1 - alpha)",
+        "torch.mul(v, alpha - 1)",
+        equivalent="cos is even: cos((α−1)V) = cos((1−α)V) bit for bit",
+    ),
+    M(
+        "stable",
+        "axis",
+        "x.view(k2, k1).sum(dim=1)",
+        "x.view(k2, k1).sum(dim=0)",
+        equivalent="k2 ∈ [k1, k1 + 2]: for i.i.d. samples (the contract) sums of k2 strided samples have the law of k1 consecutive ones up to log(k2)/log(k1) − 1 < 0.4%",
+    ),
+    # ---------------------------------------------------------------- noise
+    M(
+        "noise",
+        "clamp",
+        "root = values_K.double().clamp(min=0.0).sqrt()",
+        "root = values_K.double().abs().sqrt()",
+    ),
+    M(
+        "noise",
+        "bound",
+        "if total > 0:\n        return root / total",
+        "if total >= 0:\n        return root / total",
+    ),
+    M("noise", "constant", "values_K.numel() ** -0.5", "values_K.numel() ** -1.0"),
+    M(
+        "noise",
+        "clamp",
+        "        z = z.clamp(-clip, clip)\n    coef",
+        "        z = z.clamp(max=clip)\n    coef",
+    ),
+    M("noise", "sign", "coef = coef * (max_norm / norm)", "coef = coef * (norm / max_norm)"),
+    M(
+        "noise",
+        "bound",
+        "shrink = min(1.0, grad_norm / pre_clip_norm)",
+        "shrink = max(1.0, grad_norm / pre_clip_norm)",
+    ),
+    M(
+        "noise",
+        "logic",
+        'unit = grad_norm if scale_mode == "relative" else 1.0',
+        'unit = grad_norm if scale_mode != "relative" else 1.0',
+    ),
+    M("noise", "constant", "max_norm = max_noise_ratio * grad_norm if", "max_norm = max_noise_ratio if"),
+    M(
+        "noise",
+        "dtype",
+        "total = float(reduce(z.double().pow(2).sum())) ** 0.5",
+        "total = float(reduce(z.pow(2).sum())) ** 0.5",
+    ),
+    M("noise", "clamp", "        z = z.clamp(-clip, clip)\n    total", "        z = z\n    total"),
+    M(
+        "noise",
+        "dtype",
+        "alpha, generator=generator, dtype=torch.float64)",
+        "alpha, generator=generator, dtype=torch.float32)",
+    ),
+    M(
+        "noise",
+        "bound",
+        "num_clipped = int((z.abs() > clip).sum())",
+        "num_clipped = int((z.abs() >= clip).sum())",
+        equivalent="a draw exactly at ±clip has probability 0",
+    ),
+    # ---------------------------------------------------------------- noise_tally
+    M("noise_tally", "logic", "self.capped_steps += int(draw.capped)", "self.capped_steps += 1"),
+    M("noise_tally", "bound", "if grad_norm > 0 else 0.0", "if grad_norm >= 0 else 0.0"),
+    M(
+        "noise_tally",
+        "axis",
+        "return self.clipped_draws / self.draws if",
+        "return self.clipped_draws / self.steps if",
+    ),
+    M("noise_tally", "logic", "self.draws += draw.num_draws", "self.draws += 1"),
+    M(
+        "noise_tally",
+        "logic",
+        'f"{prefix}noise_norm": self.norm_sum / self.steps',
+        'f"{prefix}noise_norm": self.norm_sum / max(self.draws, 1)',
+    ),
+    M(
+        "noise_tally",
+        "bound",
+        "return self.capped_steps / self.steps if self.steps else 0.0",
+        "return self.capped_steps / max(self.steps - 1, 1) if self.steps else 0.0",
+    ),
+    # ---------------------------------------------------------------- rng
+    M("rng", "constant", "SKETCH_BATCH = 0xBA7C", "SKETCH_BATCH = 0"),
+    M("rng", "constant", "LANCZOS_START = 0x5EED", "LANCZOS_START = 0xBA7C"),
+    M("rng", "bound", "int(step) & 0xFFFFFFFF", "int(step) & 0xFF"),
+    M(
+        "rng",
+        "logic",
+        "[int(seed) & 0xFFFFFFFF, int(step) & 0xFFFFFFFF]",
+        "[int(seed) + int(step) & 0xFFFFFFFF]",
+    ),
+    M("rng", "clamp", "[int(seed) & 0xFFFFFFFF,", "[int(seed),"),
+    M("rng", "constant", "ISOTROPIC = 0x150", "ISOTROPIC = 0"),
+    M(
+        "rng",
+        "constant",
+        "int(mixed[0]) << 31 ^ int(mixed[1])",
+        "int(mixed[0]) << 32 ^ int(mixed[1])",
+        equivalent="another equally well-mixed stream per (seed, step); no result depends on which",
+    ),
+    # ---------------------------------------------------------------- krylov_basis
+    M(
+        "krylov_basis",
+        "bound",
+        "columns = slice(start, start + step)",
+        "columns = slice(start, start + step - 1)",
+    ),
+    M("krylov_basis", "logic", "out_XY += a_XP[:, start", "out_XY = out_XY * 0 + a_XP[:, start"),
+    M(
+        "krylov_basis",
+        "dtype",
+        "out_XY += a_XP[:, start : start + step].double() @ b_YP[:, start : start + step].double().T",
+        "out_XY += (a_XP[:, start : start + step] @ b_YP[:, start : start + step].T).double()",
+    ),
+    M(
+        "krylov_basis",
+        "bound",
+        "rows = min(self.block_rows, self.max_rows - len(self.blocks) * self.block_rows)",
+        "rows = self.block_rows",
+    ),
+    M("krylov_basis", "bound", "[self.blocks[full][:rest]]", "[self.blocks[full][: rest + 1]]"),
+    M("krylov_basis", "logic", "            offset += count", "            offset = count"),
+    M(
+        "krylov_basis",
+        "logic",
+        "if rows.start == 0:  # the first block writes",
+        "if columns.start == 0:  # the first block writes",
+    ),
+    M(
+        "krylov_basis",
+        "sign",
+        "out_P[columns] -= (coeffs_1X[:, rows] @ chunk_XC)[0]",
+        "out_P[columns] += (coeffs_1X[:, rows] @ chunk_XC)[0]",
+    ),
+    M(
+        "krylov_basis",
+        "logic",
+        'block_rows = max_rows if device.type == "cpu" else',
+        'block_rows = max_rows if device.type != "cpu" else',
+    ),
+    M(
+        "krylov_basis",
+        "bound",
+        "self.block_rows = max(1, min(block_rows, max_rows))",
+        "self.block_rows = max(1, max(block_rows, max_rows))",
+    ),
+    M(
+        "krylov_basis",
+        "bound",
+        "for start in range(0, self.dim, step):",
+        "for start in range(0, self.dim - step, step):",
+    ),
+    M(
+        "krylov_basis",
+        "dtype",
+        "coeffs_1X = coeffs_X.to(w_P.dtype)[None]",
+        "coeffs_1X = coeffs_X.to(torch.bfloat16).to(w_P.dtype)[None]",
+    ),
+    M(
+        "krylov_basis",
+        "constant",
+        "_CHUNK_NUMEL = 1 << 19",
+        "_CHUNK_NUMEL = 1 << 12",
+        equivalent="a performance constant: smaller chunks give the same sums (float64 accumulation), only slower",
+    ),
+    # ---------------------------------------------------------------- lanczos
+    M("lanczos", "constant", "_WARM_START_RANDOM_WEIGHT = 0.03", "_WARM_START_RANDOM_WEIGHT = 0.0"),
+    M("lanczos", "constant", "_BREAKDOWN_EPS_POWER = 2.0 / 3.0", "_BREAKDOWN_EPS_POWER = 1.0 / 3.0"),
+    M("lanczos", "constant", "_BREAKDOWN_EPS_POWER = 2.0 / 3.0", "_BREAKDOWN_EPS_POWER = 1.0"),
+    M(
+        "lanczos",
+        "constant",
+        "values_X.abs().clamp(min=math.sqrt(eps) * scale)",
+        "values_X.abs().clamp(min=eps * scale)",
+    ),
+    M(
+        "lanczos",
+        "sign",
+        "values_X.abs().clamp(min=math.sqrt(eps) * scale)",
+        "values_X.clamp(min=math.sqrt(eps) * scale)",
+    ),
+    M("lanczos", "constant", "4 * k + 40 if num_iters is None", "4 * k + 4 if num_iters is None"),
+    M(
+        "lanczos",
+        "bound",
+        "m_max = min(dim, 4 * k + 40 if num_iters is None else num_iters)",
+        "m_max = 4 * k + 40 if num_iters is None else num_iters",
+    ),
+    M("lanczos", "bound", "if k > dim:", "if k >= dim:"),
+    M(
+        "lanczos",
+        "bound",
+        "if num_iters is not None and num_iters < k:",
+        "if num_iters is not None and num_iters <= k:",
+    ),
+    M(
+        "lanczos",
+        "logic",
+        "inner(block_PB.T, block_PB.T).diagonal().sqrt()",
+        "inner(block_PB.T, block_PB.T).diagonal()",
+    ),
+    M(
+        "lanczos",
+        "logic",
+        "start_P = start_P / max(norm(start_P), torch.finfo(torch.float64).tiny)",
+        "start_P = start_P",
+    ),
+    M("lanczos", "axis", "evecs_MM.flip(1)[:, :k]", "evecs_MM.flip(0)[:, :k]"),
+    M("lanczos", "axis", "offdiag[-1] * ritz_MK[-1].abs()", "offdiag[-1] * ritz_MK[0].abs()"),
+    M(
+        "lanczos",
+        "sign",
+        "torch.diag(sub, 1) + torch.diag(sub, -1)",
+        "torch.diag(sub, 1) - torch.diag(sub, -1)",
+    ),
+    M(
+        "lanczos",
+        "logic",
+        "return basis.minus_combination(w_P, again_X), coeffs_X + again_X",
+        "return w_P, coeffs_X",
+    ),
+    M(
+        "lanczos",
+        "axis",
+        "diag_j, offdiag_j = coeffs_X[j].item(), norm(w_P)",
+        "diag_j, offdiag_j = coeffs_X[0].item(), norm(w_P)",
+    ),
+    M("lanczos", "logic", "abs(diag_j) + (offdiag[-1] if offdiag else 0.0)", "abs(diag_j)"),
+    M("lanczos", "bound", "breakdown = offdiag_j <= eps", "breakdown = offdiag_j < eps"),
+    M("lanczos", "bound", "if j + 1 >= k:", "if j + 1 > k:"),
+    M("lanczos", "logic", "stop = converged and not breakdown", "stop = converged"),
+    M(
+        "lanczos",
+        "sign",
+        "top_1.item() <= values_K[-1].item() + margin",
+        "top_1.item() >= values_K[-1].item() + margin",
+    ),
+    M("lanczos", "bound", "            block_start = j + 1", "            block_start = j"),
+    M(
+        "lanczos",
+        "logic",
+        "    if w_P.dtype == torch.float64 and q_P.dtype != torch.float64:\n        return q_P.double(), w_P\n",
+        "",
+    ),
+    M("lanczos", "bound", "if not (col_norms_B > 0).all():", "if not (col_norms_B >= 0).all():"),
+    M(
+        "lanczos",
+        "logic",
+        "offdiag.append(0.0 if breakdown else offdiag_j)",
+        "offdiag.append(offdiag_j)",
+        equivalent="at a breakdown offdiag_j is below eps^(2/3)·‖H‖: the Ritz values it couples move by less than that",
+    ),
+    # ---------------------------------------------------------------- hvp
+    M(
+        "hvp",
+        "dtype",
+        "return flatten(out, dtype=torch.promote_types(v_P.dtype, params[0].dtype))",
+        "return flatten(out, dtype=params[0].dtype)",
+    ),
+    M(
+        "hvp",
+        "logic",
+        "live = [i for i, g in enumerate(grads) if g.requires_grad]",
+        "live = list(range(len(grads)))",
+    ),
+    M("hvp", "logic", "if all(g is None for g in grads):", "if any(g is None for g in grads):"),
+    M("hvp", "constant", "g_plus.sub_(g_minus).div_(2 * eps)", "g_plus.sub_(g_minus).div_(eps)"),
+    M("hvp", "sign", "shard.copy_(s + sign * d)", "shard.copy_(s + d)"),
+    M("hvp", "logic", "eps = step / norm", "eps = step"),
+    M(
+        "hvp",
+        "constant",
+        "return u ** (1 / 3) * (1.0 + float(totals[0]) ** 0.5)",
+        "return u ** (1 / 2) * (1.0 + float(totals[0]) ** 0.5)",
+    ),
+    M(
+        "hvp",
+        "constant",
+        "u = torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps / 2",
+        "u = torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps",
+    ),
+    M("hvp", "logic", "                self.model.eval()\n", ""),
+    M("hvp", "logic", "                module.training = training\n", "                pass\n"),
+    M("hvp", "bound", "if loss.dim() != 0:\n            raise", "if loss.dim() > 1:\n            raise"),
+    M(
+        "hvp",
+        "dtype",
+        "work_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32",
+        "work_dtype = torch.float32",
+    ),
+    M(
+        "hvp",
+        "bound",
+        "        if norm == 0.0:\n            return",
+        "        if norm < 0.0:\n            return",
+    ),
+    M(
+        "hvp",
+        "bound",
+        "if fd_step is not None and not fd_step > 0:",
+        "if fd_step is not None and fd_step < 0:",
+    ),
+    M("hvp", "logic", "                    shard.copy_(s)\n", "                    pass\n"),
+    M("hvp", "constant", "/ float(totals[1]) ** 0.5", "/ float(totals[1])"),
+    # ---------------------------------------------------------------- params
+    M(
+        "params",
+        "dtype",
+        ".reshape(-1).to(dtype or local_view(t).dtype)",
+        ".reshape(-1).to(local_view(t).dtype)",
+    ),
+    M("params", "bound", "if flat_P.dim() != 1 or flat_P.numel() != sum(numels):", "if flat_P.dim() != 1:"),
+    M(
+        "params",
+        "constant",
+        ".double().pow(2).sum()\n        return float(self.reduce(squares).sqrt())",
+        ".double().abs().sum()\n        return float(self.reduce(squares).sqrt())",
+    ),
+    M("params", "logic", "            start += grad.numel()\n", ""),
+    M(
+        "params",
+        "sign",
+        "grad.view(-1).addmv_(rows_NK, coef_on(grad))",
+        "grad.view(-1).addmv_(rows_NK, -coef_on(grad))",
+    ),
+    M("params", "logic", "if grad.is_contiguous() and rows_NK.dtype", "if rows_NK.dtype"),
+    M(
+        "params",
+        "logic",
+        "grad.add_(piece.to(device=grad.device, dtype=grad.dtype))",
+        "grad.copy_(piece.to(device=grad.device, dtype=grad.dtype))",
+    ),
+    M(
+        "params",
+        "logic",
+        "        if not p.requires_grad:\n            raise",
+        "        if p is None:\n            raise",
+    ),
+    M(
+        "params",
+        "logic",
+        "return [p for p in model.parameters() if p.requires_grad]",
+        "return list(model.parameters())",
+    ),
+    M("params", "axis", "for t in tensors])", "for t in reversed(tensors)])"),
+    M(
+        "params",
+        "dtype",
+        "piece = rows_NK @ coef_on(rows_NK)",
+        "piece = (rows_NK @ coef_on(rows_NK)).to(torch.bfloat16)",
+    ),
+    # ---------------------------------------------------------------- calibration
+    M("calibration", "bound", "distinct = diff.abs() > tie_K", "distinct = diff.abs() >= tie_K"),
+    M("calibration", "constant", "_TIE_RELATIVE = 1e-5", "_TIE_RELATIVE = 1e-2"),
+    M("calibration", "bound", "ALPHA_RANGE = (0.5, 2.0)", "ALPHA_RANGE = (0.5, 1.9)"),
+    M("calibration", "constant", "MIN_MICROBATCHES = 32", "MIN_MICROBATCHES = 16"),
+    M("calibration", "bound", "if m < MIN_MICROBATCHES:", "if m <= MIN_MICROBATCHES:"),
+    M("calibration", "logic", "alpha_K = torch.where(flat, 2.0, alpha_K)", "alpha_K = alpha_K"),
+    M("calibration", "constant", "/ 2 ** (1 / capped_K)", "/ 2**0.5"),
+    M("calibration", "clamp", "capped_K = alpha_K.clamp(max=2.0)", "capped_K = alpha_K"),
+    M("calibration", "clamp", "(1 - ratio ** (alpha - 1)).clamp_min(0)", "(1 - ratio ** (alpha - 1))"),
+    M("calibration", "sign", "ratio ** (alpha - 1)", "ratio ** (1 - alpha)"),
+    M(
+        "calibration",
+        "bound",
+        "virtual_batch_size >= physical_batch_size:",
+        "virtual_batch_size > physical_batch_size:",
+    ),
+    M(
+        "calibration",
+        "axis",
+        "inside = float((values_MK - values_MK.mean(dim=0))",
+        "inside = float((values_MK - values_MK.mean(dim=1, keepdim=True))",
+    ),
+    M(
+        "calibration",
+        "constant",
+        "square_norm_sum += float(reduce(g_P.double().square().sum()))",
+        "square_norm_sum += float(reduce(g_P.double().abs().sum()))",
+    ),
+    M(
+        "calibration",
+        "axis",
+        "(x_MK - x_MK.median(0).values).abs().median(0).values",
+        "(x_MK - x_MK.mean(0)).abs().median(0).values",
+    ),
+    M(
+        "calibration",
+        "bound",
+        "if clip_alpha:\n            alpha_K = alpha_K.clamp(*ALPHA_RANGE)",
+        "if clip_alpha:\n            alpha_K = alpha_K.clamp(max=ALPHA_RANGE[1])",
+    ),
+    M(
+        "calibration",
+        "dtype",
+        "rows.append(reduce((vectors_PK.mT @ g_P.to(vectors_PK)).double()).cpu())",
+        "rows.append(reduce((vectors_PK.mT.half() @ g_P.half())).double().cpu())",
+    ),
+    M(
+        "calibration",
+        "logic",
+        "keep = (cols[None, :] > torch.arange(start, stop)[:, None])",
+        "keep = (cols[None, :] >= torch.arange(start, stop)[:, None])",
+        equivalent="the pairs (i, i) added have D = 0, which the tie filter (> a threshold >= 0) drops",
+    ),
+    # ---------------------------------------------------------------- sketch
+    M(
+        "sketch",
+        "logic",
+        "if not (torch.isfinite(pairs.values).all() and torch.isfinite(pairs.vectors).all()):",
+        "if False:",
+    ),
+    M("sketch", "logic", "init=self.vectors_PK,", "init=None,"),
+    M(
+        "sketch",
+        "logic",
+        "vectors_PK = vectors_PK.T.to(s.vector_device).T",
+        "vectors_PK = vectors_PK.to(s.vector_device)",
+        equivalent="Tensor.to keeps the strides of a dense transposed view: the same K-row layout arrives",
+    ),
+    M("sketch", "logic", "self.attempted, self.failure = step, None", "self.attempted = step"),
+    M(
+        "sketch",
+        "axis",
+        '"vectors_KP": self.vectors_PK.T.contiguous(),',
+        '"vectors_KP": self.vectors_PK.contiguous(),',
+    ),
+    M(
+        "sketch",
+        "sign",
+        "relative = pairs.residuals / pairs.values.abs().clamp(min=1e-30)",
+        "relative = pairs.residuals / pairs.values.clamp(min=1e-30)",
+    ),
+    M(
+        "sketch",
+        "logic",
+        'metrics["curvature/lanczos_residual"] = float(relative.max())',
+        'metrics["curvature/lanczos_residual"] = float(relative.mean())',
+    ),
+    M("sketch", "constant", "tol=s.tol,", "tol=1e-3,"),
+    M("sketch", "logic", "except FloatingPointError as err:", "except ValueError as err:"),
+    M(
+        "sketch",
+        "dtype",
+        'self.values_K = state["values"].double().cpu()',
+        'self.values_K = state["values"].float().cpu()',
+    ),
+    M("sketch", "logic", "dtype=s.vector_dtype,", "dtype=None,"),
+    M(
+        "sketch",
+        "constant",
+        "generator=step_generator(s.seed + LANCZOS_START, step),",
+        "generator=step_generator(s.seed, step),",
+        equivalent="another random start vector: no result depends on which stream it comes from",
+    ),
+    # ---------------------------------------------------------------- schedule (trainer side)
+    M(
+        "schedule",
+        "bound",
+        "step - last_refresh < self.every_n_steps",
+        "step - last_refresh <= self.every_n_steps",
+    ),
+    M("schedule", "bound", "steps_needed = math.ceil(", "steps_needed = math.floor("),
+    M(
+        "schedule",
+        "logic",
+        "step_seconds = statistics.median(self._step_seconds)",
+        "step_seconds = statistics.mean(self._step_seconds)",
+    ),
+    M(
+        "schedule",
+        "logic",
+        "if not self._step_seconds:  # no step timed since the refresh or the resume: time one first\n                return False",
+        "if not self._step_seconds:\n                return True",
+    ),
+    M("schedule", "logic", "self.agree(last_refresh + steps_needed)", "self.agree(step + steps_needed)"),
+    M("schedule", "bound", "return step >= self.deferred_to", "return step > self.deferred_to"),
+    M("schedule", "logic", "self._step_seconds, self.deferred_to = [], None", "self._step_seconds = []"),
+    M("schedule", "clamp", "max(step_seconds, 1e-9)", "min(step_seconds, 1e-9)"),
+    M(
+        "schedule",
+        "logic",
+        "self.total_seconds += self.refresh_seconds",
+        "self.total_seconds = self.refresh_seconds",
+    ),
+    M(
+        "schedule",
+        "logic",
+        "self.refresh_seconds = None if math.isnan(refresh) else refresh",
+        "self.refresh_seconds = None",
+    ),
+    M("schedule", "logic", "self._step_started = time.perf_counter()\n", ""),
+    # ---------------------------------------------------------------- run_state
+    M(
+        "run_state",
+        "logic",
+        "if self.noise_window.steps and self.calibration is None:",
+        "if self.noise_window.steps:",
+    ),
+    M(
+        "run_state",
+        "logic",
+        "self.sketch_metrics, self.noise_window, self.skipped_nonfinite = {}, NoiseTally(), 0",
+        "self.sketch_metrics, self.skipped_nonfinite = {}, 0",
+    ),
+    M("run_state", "logic", 'if k.endswith("_fraction")}', "}"),
+    M(
+        "run_state",
+        "bound",
+        "if len(dataset) < levy.sketch_batch_size:",
+        "if len(dataset) <= levy.sketch_batch_size:",
+    ),
+    M(
+        "run_state",
+        "logic",
+        "per_step = examples_per_batch(train_dataloader, args) * args.gradient_accumulation_steps",
+        "per_step = examples_per_batch(train_dataloader, args)",
+    ),
+    M(
+        "run_state",
+        "bound",
+        "physical_batch_size=None if per_step >= len(dataset) else per_step",
+        "physical_batch_size=None if per_step > len(dataset) else per_step",
+    ),
+    M("run_state", "bound", "if virtual >= effective:", "if virtual > effective:"),
+    M(
+        "run_state",
+        "bound",
+        "num_eigenpairs=min(levy.num_eigenpairs, space.dim)",
+        "num_eigenpairs=levy.num_eigenpairs",
+    ),
+    M(
+        "run_state",
+        "dtype",
+        "vector_dtype=torch.float64 if float64 else getattr(torch, levy.sketch_dtype)",
+        "vector_dtype=getattr(torch, levy.sketch_dtype)",
+    ),
+    M(
+        "run_state",
+        "logic",
+        'basis_device=torch.device("cpu") if offload != "none" else None',
+        'basis_device=torch.device("cpu") if offload == "all" else None',
+    ),
+    M(
+        "run_state",
+        "logic",
+        "seed = levy.levy_seed if levy.levy_seed is not None else args.seed",
+        "seed = args.seed",
+    ),
+    M("run_state", "bound", "if isinstance(total, int) and total > 0:", "if isinstance(total, int):"),
+    M(
+        "run_state",
+        "logic",
+        "self.schedule.load_state_dict({key: saved.pop(key) for key in SCHEDULE_KEYS})",
+        "{key: saved.pop(key) for key in SCHEDULE_KEYS}",
+    ),
+    M(
+        "run_state",
+        "logic",
+        'self.calibration = DirectionalNoise(saved.pop("calibrated_alpha"), saved.pop("calibrated_scale"))',
+        'saved.pop("calibrated_alpha"), saved.pop("calibrated_scale")',
+    ),
+    M(
+        "run_state",
+        "logic",
+        "if vectors.shape != (num_eigenpairs, dim) or values.shape != (num_eigenpairs,):",
+        "if vectors.shape[0] != num_eigenpairs:",
+    ),
+    M(
+        "run_state",
+        "logic",
+        "tensor.is_floating_point() and torch.isfinite(tensor).all()",
+        "tensor.is_floating_point()",
+    ),
+    M(
+        "run_state",
+        "bound",
+        "(calibrated[0] > 0) & (calibrated[0] <= 2)",
+        "(calibrated[0] > 0) & (calibrated[0] < 2)",
+    ),
+    M(
+        "run_state",
+        "logic",
+        "generator = step_generator(self.seed + rng.ISOTROPIC + stream, step)",
+        "generator = step_generator(self.seed + rng.ISOTROPIC + stream, 0)",
+    ),
+    M("run_state", "logic", "alpha=None if levy.calibration_fit_alpha else levy.levy_alpha,", "alpha=None,"),
+    # ---------------------------------------------------------------- sketch_hvp
+    M(
+        "sketch_hvp",
+        "bound",
+        "generator=generator)[:size].tolist()",
+        "generator=generator)[: size - 1].tolist()",
+    ),
+    M("sketch_hvp", "logic", "for i in indices[rank::world]])", "for i in indices[rank:]])"),
+    M(
+        "sketch_hvp",
+        "logic",
+        "indices = torch.randperm(len(dataset), generator=generator)",
+        "indices = torch.arange(len(dataset))",
+    ),
+    M(
+        "sketch_hvp",
+        "bound",
+        "if isinstance(value, Tensor) and value.dim() > 0:",
+        "if isinstance(value, Tensor):",
+    ),
+    M("sketch_hvp", "logic", "        model.forward = wrapped\n", "        pass\n"),
+    M("sketch_hvp", "logic", "    model.forward = original\n", ""),
+    M(
+        "sketch_hvp",
+        "logic",
+        'if method == "finite_difference":\n        # A central',
+        'if method == "never":\n        # A central',
+    ),
+    M(
+        "sketch_hvp",
+        "constant",
+        "generator = step_generator(seed + rng.SKETCH_BATCH, step)",
+        "generator = step_generator(seed, step)",
+        equivalent="another seeded draw of the sketch batch; no result depends on which stream it comes from",
+    ),
+    # ---------------------------------------------------------------- levy_state
+    M(
+        "levy_state",
+        "logic",
+        "name = SHARDED_STATE_FILE.format(rank=rank) if sharded else STATE_FILE",
+        "name = STATE_FILE",
+    ),
+    M("levy_state", "logic", "                return path, load_file(path)", "                return None"),
+    M("levy_state", "logic", "os.makedirs(checkpoint_dir, exist_ok=True)", "pass"),
+    M("levy_state", "logic", "for sharded in (True, False):", "for sharded in (True,):"),
+    M("levy_state", "logic", "for sharded in (True, False):", "for sharded in (False, True):"),
+    M(
+        "levy_state",
+        "dtype",
+        "host = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}",
+        "host = {k: v.detach().cpu().contiguous().float() for k, v in tensors.items()}",
+    ),
+    M("levy_state", "logic", "except (SafetensorError, OSError) as err:", "except OSError as err:"),
+    # ---------------------------------------------------------------- noise_step (the callback's noise)
+    M("noise_step", "logic", "if not math.isfinite(grad_norm):", "if math.isnan(grad_norm):"),
+    M(
+        "noise_step",
+        "constant",
+        "step_generator(run.seed + rng.NOISE, step)",
+        "step_generator(run.seed + rng.NOISE, 0)",
+    ),
+    M(
+        "noise_step",
+        "logic",
+        'if levy.levy_noise_basis == "hessian":',
+        'if levy.levy_noise_basis != "hessian":',
+    ),
+    M(
+        "noise_step",
+        "bound",
+        "if not noise_norm < min(torch.finfo(p.dtype).max for p in run.params) / 2:",
+        "if not noise_norm < float('inf'):",
+    ),
+    M("noise_step", "logic", "    run.noise_total.add(draw, noise_norm, grad_norm)\n", ""),
+    M(
+        "noise_step",
+        "logic",
+        "pre_clip_norm=float(pre_clip_norm) if pre_clip_norm is not None else None,",
+        "pre_clip_norm=None,",
+    ),
+    M("noise_step", "logic", "clip=levy.levy_clip,", "clip=None,"),
+    M("noise_step", "logic", "max_noise_ratio=levy.levy_max_noise_ratio,", "max_noise_ratio=None,"),
+    M("noise_step", "logic", "scale_mode=levy.levy_scale_mode,", 'scale_mode="relative",'),
+    M("noise_step", "sign", "run.sketch.values_K,", "run.sketch.values_K.abs(),"),
+    M(
+        "noise_step",
+        "logic",
+        "        return False\n    # The only host sync",
+        "        pass\n    # The only host sync",
+    ),
+    # ---------------------------------------------------------------- callback
+    M(
+        "callback",
+        "bound",
+        "if self.levy.levy_scale == 0 or not self.run.sketch.ready:",
+        "if self.levy.levy_scale < 0 or not self.run.sketch.ready:",
+    ),
+    M(
+        "callback",
+        "constant",
+        'run.sketch_metrics["curvature/sketch_period"] = float(step - previous)',
+        'run.sketch_metrics["curvature/sketch_period"] = float(step)',
+    ),
+    M(
+        "callback",
+        "logic",
+        'if logs is None or not ("loss" in logs or "train_runtime" in logs):',
+        'if logs is None or "loss" not in logs:',
+    ),
+    M("callback", "logic", "            state.log_history[-1].update(metrics)\n", "            pass\n"),
+    M(
+        "callback",
+        "logic",
+        "if not run.schedule.due(step, run.sketch.attempted):",
+        "if not run.schedule.due(step, run.sketch.step):",
+    ),
+    M(
+        "callback",
+        "logic",
+        "pre_clip = self._pre_clip_norm if self.run.calibration is not None else None",
+        "pre_clip = None",
+    ),
+    M("callback", "logic", "self._pre_clip_norm = pre_clip_norm", "pass"),
+    # ---------------------------------------------------------------- callback_wiring (attach, resume, order)
+    M("callback_wiring", "logic", "    callbacks.insert(0, callback)\n", "    callbacks.append(callback)\n"),
+    M("callback_wiring", "logic", "        callbacks.remove(callback)\n", "        pass\n"),
+    M("callback_wiring", "logic", "return folder if os.path.isdir(folder) else None", "return folder"),
+    M(
+        "callback_wiring",
+        "logic",
+        "if saved.global_step == state.global_step and same_history:",
+        "if saved.global_step == state.global_step:",
+    ),
+    M("callback_wiring", "logic", "        callback.load_state(checkpoint)\n", "        pass\n"),
+    M(
+        "callback",
+        "logic",
+        'run.sketch_metrics["curvature/sketch_seconds"] = run.schedule.refresh_seconds',
+        "pass",
+    ),
+    M(
+        "callback",
+        "logic",
+        "and not self._attached and args.max_grad_norm:",
+        "and self._attached and args.max_grad_norm:",
+    ),
+    M("callback", "logic", "            run.failed_refreshes += 1\n", ""),
+    M(
+        "callback",
+        "logic",
+        "            if not failed and self.levy.levy_virtual_batch_size is not None:",
+        "            if self.levy.levy_virtual_batch_size is not None:",
+    ),
+    M("callback", "logic", "self.noise_draws += 1", "self.noise_draws += 0"),
+    M(
+        "callback",
+        "logic",
+        "if self._saved_step == state.global_step:",
+        "if False:",
+        equivalent="on_save then writes the same file a second time; nothing read differs",
+    ),
+    # ---------------------------------------------------------------- config
+    M(
+        "config",
+        "bound",
+        '_check(0 < self.levy_alpha <= 2, "levy_alpha"',
+        '_check(0 < self.levy_alpha < 2, "levy_alpha"',
+    ),
+    M(
+        "config",
+        "bound",
+        '_check(self.levy_scale >= 0, "levy_scale"',
+        '_check(self.levy_scale > 0, "levy_scale"',
+    ),
+    M(
+        "config",
+        "bound",
+        "value is None or value > 0, name, value",
+        "value is None or value >= 0, name, value",
+    ),
+    M(
+        "config",
+        "bound",
+        '_check(value >= 1, name, value, "an integer >= 1")',
+        '_check(value >= 0, name, value, "an integer >= 1")',
+    ),
+    M(
+        "config",
+        "bound",
+        "self.lanczos_num_iters >= self.num_eigenpairs,",
+        "self.lanczos_num_iters > self.num_eigenpairs,",
+    ),
+    M("config", "logic", "finite = not isinstance(value, float) or math.isfinite(value)", "finite = True"),
+    M("config", "logic", "            self.levy_seed = self.seed\n", "            pass\n"),
+    M("config", "bound", "            m >= MIN_MICROBATCHES,", "            m > MIN_MICROBATCHES,"),
+    M("config", "bound", "budget is None or budget > 0,", "budget is None or budget >= 0,"),
+    M(
+        "config",
+        "bound",
+        '_check(self.lanczos_tol > 0, "lanczos_tol"',
+        '_check(self.lanczos_tol >= 0, "lanczos_tol"',
+    ),
+    M("config", "bound", "_check(vbs is None or vbs >= 1,", "_check(vbs is None or vbs >= 0,"),
+    M(
+        "config",
+        "logic",
+        "ok = isinstance(value, int) and not isinstance(value, bool)",
+        "ok = isinstance(value, int)",
+    ),
+    M(
+        "config",
+        "logic",
+        "ok = isinstance(value, (int, float)) and not isinstance(value, bool)",
+        "ok = isinstance(value, float)",
+    ),
+]
+
+TRAINER = "tests/test_trainer.py"
+TESTS = {
+    "stable": ["tests/test_stable.py", "tests/test_noise.py", "tests/test_calibration.py"],
+    "noise": ["tests/test_noise.py"],
+    "noise_tally": ["tests/test_noise_tally.py"],
+    "rng": ["tests/test_rng.py", "tests/test_noise.py"],
+    "krylov_basis": ["tests/test_krylov_basis.py", "tests/test_lanczos.py"],
+    "lanczos": ["tests/test_lanczos.py", "tests/test_sketch.py"],
+    "hvp": ["tests/test_hvp.py", "tests/test_lanczos.py"],
+    "params": ["tests/test_params.py", "tests/test_hvp.py"],
+    "calibration": ["tests/test_calibration.py"],
+    "sketch": ["tests/test_sketch.py"],
+    "schedule": ["tests/test_schedule.py"],
+    "run_state": ["tests/test_run_state.py", "tests/test_levy_state.py", TRAINER],
+    "sketch_hvp": ["tests/test_sketch_hvp.py", TRAINER],
+    "levy_state": ["tests/test_levy_state.py", "tests/test_run_state.py", "tests/test_schedule.py", TRAINER],
+    "noise_step": ["tests/test_noise_step.py", TRAINER],
+    "callback": [
+        TRAINER,
+        "tests/test_callback_wiring.py",
+        "tests/test_callback_metrics.py",
+        "tests/test_run_warnings.py",
+        "tests/test_schedule.py",
+        "tests/test_callback.py",
+    ],
+    "callback_wiring": ["tests/test_callback_wiring.py", TRAINER],
+    "config": ["tests/test_config.py", "tests/test_config_types.py", TRAINER],
+}
+
+
+def tree_hash(folder: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.py")):
+        digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def stale_text(root: pathlib.Path, mutant: Mutant) -> bool:
+    return (root / "hf_levy" / f"{mutant.module}.py").read_text().count(mutant.old) != 1
+
+
+def pytest_run(work: pathlib.Path, files: list[str], timeout: float) -> tuple[str, str]:
+    """('passed' | 'failed' | 'timeout', last output line) of pytest -x -q on ``files`` in the copy."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(work),
+        "PYTHONDONTWRITEBYTECODE": "1",  # a stale .pyc of a mutant of equal size and mtime would outlive it
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *files]
+    try:
+        done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", f"over {timeout:.0f} s"
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    return ("passed" if done.returncode == 0 else "failed"), (lines[-1] if lines else done.stderr[-200:])
+
+
+def copy_repository(root: pathlib.Path, work: pathlib.Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(root / "hf_levy", work / "hf_levy", ignore=ignore)
+    shutil.copytree(root / "tests", work / "tests", ignore=ignore)
+    shutil.copy(root / "pyproject.toml", work / "pyproject.toml")
+    shutil.copy(root / "README.md", work / "README.md")
+    found = subprocess.run(
+        [sys.executable, "-c", "import hf_levy; print(hf_levy.__file__)"],
+        cwd=work,
+        env={**os.environ, "PYTHONPATH": str(work), "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not pathlib.Path(found).resolve().is_relative_to(work.resolve()):
+        raise SystemExit(f"hf_levy imports from {found}, not from the copy in {work}")
+
+
+def run_pass(root: pathlib.Path, modules: list[str], timeout: float, log) -> list[dict]:
+    results = []
+    before = tree_hash(root / "hf_levy")
+    with tempfile.TemporaryDirectory(prefix="hf_levy_mutants_") as tmp:
+        work = pathlib.Path(tmp)
+        copy_repository(root, work)
+        for module in modules:
+            files = [f for f in TESTS[module] if (work / f).exists()]
+            status, line = pytest_run(work, files, timeout)
+            if status != "passed":
+                raise SystemExit(f"{module}: the unmutated tests do not pass ({line}); fix them first")
+            log(f"{module}: baseline passes ({line})")
+            path = work / "hf_levy" / f"{module}.py"
+            original = path.read_text()
+            for mutant in (m for m in MUTANTS if m.module == module):
+                record = {"module": module, "kind": mutant.kind, "label": mutant.label}
+                count = original.count(mutant.old)
+                if mutant.equivalent:
+                    record.update(status="equivalent", detail=mutant.equivalent)
+                elif count != 1:
+                    record.update(status="stale", detail=f"the text occurs {count} times")
+                else:
+                    start = time.perf_counter()
+                    try:
+                        path.write_text(original.replace(mutant.old, mutant.new))
+                        status, line = pytest_run(work, files, timeout)
+                    finally:
+                        path.write_text(original)
+                    killed = status in ("failed", "timeout")
+                    record.update(status="killed" if killed else "survived", detail=line)
+                    record["seconds"] = round(time.perf_counter() - start, 1)
+                if tree_hash(work / "hf_levy") != tree_hash(root / "hf_levy"):
+                    raise SystemExit(f"the copy of hf_levy differs from {root} after {mutant.label}")
+                results.append(record)
+                log(f"  {record['status']:10s} {mutant.label}  [{record['detail']}]")
+    if tree_hash(root / "hf_levy") != before:
+        raise SystemExit(f"{root}/hf_levy changed during the pass (someone edited it?): rerun")
+    return results
+
+
+def summary_table(results: list[dict]) -> str:
+    rows = [
+        "| module | mutants | equivalent | run | killed | survived | kill rate |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    totals = Counter()
+    for module in dict.fromkeys(r["module"] for r in results):
+        counts = Counter(r["status"] for r in results if r["module"] == module)
+        run = counts["killed"] + counts["survived"]
+        totals.update(counts)
+        rate = f"{100 * counts['killed'] / run:.0f}%" if run else "-"
+        rows.append(
+            f"| {module} | {sum(counts.values())} | {counts['equivalent']} | {run} | {counts['killed']} | "
+            f"{counts['survived']} | {rate} |"
+        )
+    run = totals["killed"] + totals["survived"]
+    rows.append(
+        f"| **all** | {sum(totals.values())} | {totals['equivalent']} | {run} | {totals['killed']} | "
+        f"{totals['survived']} | {100 * totals['killed'] / max(run, 1):.0f}% |"
+    )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("root", type=pathlib.Path, help="repository root (read only; copied to a temp dir)")
+    parser.add_argument("--module", action="append", choices=list(TESTS), help="only these (repeatable)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per pytest run (then: killed)")
+    parser.add_argument("--json", type=pathlib.Path, help="write every mutant's result here")
+    parser.add_argument("--markdown", action="store_true", help="print the per-module table and survivors")
+    parser.add_argument("--check", action="store_true", help="only check that every mutant's text is found")
+    args = parser.parse_args()
+    if args.check:
+        stale = [m.label for m in MUTANTS if not m.equivalent and stale_text(args.root, m)]
+        raise SystemExit("stale mutants:\n" + "\n".join(stale) if stale else None)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # unwinds: restores and cleans up
+    modules = args.module or list(TESTS)
+    results = run_pass(args.root.resolve(), modules, args.timeout, lambda s: print(s, flush=True))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    stale = [r for r in results if r["status"] == "stale"]
+    if args.markdown:
+        print("\n" + summary_table(results))
+        survivors = [r for r in results if r["status"] == "survived"]
+        if survivors:
+            print("\nSurvivors:\n" + "\n".join(f"- {r['module']}: {r['label']}" for r in survivors))
+    if stale:
+        raise SystemExit("stale mutants (update their text):\n" + "\n".join(r["label"] for r in stale))
+
+
+if __name__ == "__main__":
+    main()
