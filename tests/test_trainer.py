@@ -13,8 +13,8 @@ from transformers import TrainerCallback, TrainingArguments, default_data_collat
 
 import hf_levy.calibration
 import hf_levy.callback
-import hf_levy.run_state
 import hf_levy.noise
+import hf_levy.run_state
 from hf_levy import LevyConfig, LevyTrainer
 from hf_levy.noise import NoiseDraw
 from hf_levy.rng import step_generator
