@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_callback_wiring import Recorder
 from trainer_utils import SKETCH, flat_params, model, run_levy, run_stock, token_dataset
 from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
@@ -461,21 +462,11 @@ def test_noise_to_grad_ratio_is_the_mean_over_each_logging_window(tmp_path):
     assert max(per_step) > 1.5 * min(per_step)  # the draws differ enough for the mean to be told apart
 
 
-class LogRecorder(TrainerCallback):
-    """A reporting callback (TensorBoard, W&B) passed in callbacks=[...]: the keys of every log it receives."""
-
-    def __init__(self):
-        self.keys = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.keys.append(set(logs))
-
-
 def test_levy_trainer_puts_its_callback_ahead_of_the_users_reporting_callbacks(tmp_path):
-    recorder = LogRecorder()
+    recorder = Recorder()  # a reporting callback (TensorBoard, W&B) passed in callbacks=[...]
     trainer = run_levy(tmp_path, max_steps=2, levy_scale=0.5, callbacks=[recorder])
     assert trainer.callback_handler.callbacks[0] is trainer.levy_callback
-    assert {"curvature/eigenvalue_0", "levy/noise_norm"} <= recorder.keys[0]
+    assert {"curvature/eigenvalue_0", "levy/noise_norm"} <= set(recorder.logs[0])
 
 
 def test_with_levy_scale_zero_no_noise_is_drawn_or_logged(tmp_path):
