@@ -44,8 +44,12 @@ class Mutant:
 
     @property
     def label(self) -> str:
-        first = lambda s: " ".join(s.split())[:70]  # noqa: E731
-        return f"{self.kind}: `{first(self.old)}` -> `{first(self.new)}`"
+        """``module kind: `old` -> `new` `` on one line, around the part that differs (30 characters each side)."""
+        old, new = (" ".join(text.split()) for text in (self.old, self.new))
+        start = len(os.path.commonprefix([old, new]))
+        end = len(os.path.commonprefix([old[start:][::-1], new[start:][::-1]]))
+        cut = lambda text: text[max(0, start - 30) : len(text) - max(0, end - 30)]  # noqa: E731
+        return f"{self.module} {self.kind}: `{cut(old)}` -> `{cut(new)}`"
 
 
 M = Mutant
@@ -1069,7 +1073,7 @@ def main() -> None:
         print("\n" + summary_table(results))
         survivors = [r for r in results if r["status"] == "survived"]
         if survivors:
-            print("\nSurvivors:\n" + "\n".join(f"- {r['module']}: {r['label']}" for r in survivors))
+            print("\nSurvivors:\n" + "\n".join(f"- {r['label']}" for r in survivors))
     if stale:
         raise SystemExit("stale mutants (update their text):\n" + "\n".join(r["label"] for r in stale))
 
