@@ -7,7 +7,8 @@ Where it acts in the loop (transformers 5.x ``Trainer._run_epoch``):
   restored), so DDP buckets and the gradient-accumulation state are untouched.
 * ``on_pre_optimizer_step`` (once per optimizer step, after accumulation, the DDP all-reduce or FSDP
   reduce-scatter, fp16 unscaling and ``max_grad_norm`` clipping, right before ``optimizer.step()``, and
-  never on a step the loop skips): add ξ to ``.grad``.
+  never on a step the loop skips): add ξ to ``.grad``. Under DeepSpeed the step has already run by then:
+  ξ enters through :mod:`hf_levy.zero_seam` instead.
 * ``on_log``: merge the ``curvature/`` and ``levy/`` metrics into the training log entry. The callback
   moves itself to the head of the callback list (at ``on_init_end`` and ``on_train_begin``), so the
   reporting callbacks of ``report_to``, which come before a user's, see them.
@@ -24,6 +25,7 @@ Legend: P trainable parameters (flat; this rank's padded piece under FSDP), K ei
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from typing import Any
@@ -42,6 +44,8 @@ from hf_levy.run_state import LevyRun, start_run
 from hf_levy.run_warnings import warn_if_mostly_capped, warn_if_sketch_failed, warn_if_unconverged
 from hf_levy.sketch import SketchDiscardedWarning
 from hf_levy.sketch_hvp import sketch_batch, sketch_matvec
+from hf_levy.zero_seam import install_before_step
+from hf_levy.zero_space import ZeroSpace, clip_zero_grads
 
 logger = logging.getLogger(__name__)
 
@@ -78,17 +82,13 @@ class LevyCallback(TrainerCallback):
         self._show_progress = False  # the sketch's progress bar: main process, unless disable_tqdm
         self._pre_clip_norm: Any = None  # this step's gradient norm before max_grad_norm clipping
         self._warned: set[str] = set()  # the callback's own once-per-callback warnings
+        self._state: Any = None  # the TrainerState, for the DeepSpeed seam
 
     # ------------------------------------------------------------------ wiring
     def attach(self, trainer: Any) -> LevyCallback:
         """Install into ``trainer``: first in the callback list (so loggers see the metrics), around its
         checkpoint save (the file is then in the folder before a Hub push of it starts) and load, and
         around its gradient clipping (the pre-clip norm). Returns self."""
-        if getattr(trainer, "is_deepspeed_enabled", False):
-            raise ValueError(
-                "hf_levy does not support DeepSpeed: it runs the optimizer step inside backward, before any "
-                "callback can add noise. Use DDP (`accelerate launch --multi_gpu`) or FSDP instead."
-            )
         install_first(self, trainer)
         self._attached = True
         return self
@@ -147,7 +147,9 @@ class LevyCallback(TrainerCallback):
     def on_init_end(self, args, state, control, **kwargs):
         self._to_front()
 
-    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+    def on_train_begin(
+        self, args, state, control, model=None, train_dataloader=None, optimizer=None, **kwargs
+    ):
         self._to_front()  # again: add_callback appends after the Trainer's construction
         if self.levy.levy_virtual_batch_size is not None and not self._attached and args.max_grad_norm:
             raise ValueError(
@@ -156,9 +158,12 @@ class LevyCallback(TrainerCallback):
                 "LevyCallback(...).attach(trainer) instead of callbacks=[...] or add_callback, or set "
                 "max_grad_norm=0"
             )
-        self.run = run = start_run(self.levy, args, model, train_dataloader)
-        if run.space.sharded:
+        self.run = run = start_run(self.levy, args, model, train_dataloader, optimizer)
+        if not run.space.exact_products:
             self.hvp_method = "finite_difference"
+        if isinstance(run.space, ZeroSpace) and self.levy.levy_scale != 0:
+            self._state = state  # the seam runs inside backward, where no event hands over the step
+            install_before_step(run.space.optimizer, self._before_zero_step)
         if state.global_step > 0 and self._resumed_from is None:  # resumed; attach did not see from where
             self._load_resumed_state(args, state)
         if self._pending_state is not None:
@@ -222,7 +227,7 @@ class LevyCallback(TrainerCallback):
         run.sketch_metrics["curvature/sketch_seconds"] = run.schedule.refresh_seconds
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.levy.levy_scale == 0 or not self.run.sketch.ready:
+        if self.levy.levy_scale == 0 or not self.run.sketch.ready or isinstance(self.run.space, ZeroSpace):
             return
         self.add_noise(state.global_step)
 
@@ -270,6 +275,13 @@ class LevyCallback(TrainerCallback):
     def calibrate(self, step: int) -> dict[str, float]:
         """Fit the noise of batch size b along the new eigenvectors (:meth:`LevyRun.calibrate`)."""
         return self.run.calibrate(self.levy, step, self.loss_fn)
+
+    def _before_zero_step(self, max_norm: float) -> float:
+        """DeepSpeed (:mod:`hf_levy.zero_seam`): clip, then add ξ; returns ‖g‖ before clipping."""
+        self._pre_clip_norm = norm = clip_zero_grads(self.run.space, max_norm)
+        if self.run.sketch.ready and math.isfinite(norm):
+            self.add_noise(self._state.global_step)
+        return norm
 
     def add_noise(self, step: int) -> None:
         """g ← g + ξ on this step (see :func:`hf_levy.noise_step.add_step_noise`)."""

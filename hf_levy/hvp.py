@@ -139,8 +139,6 @@ def finite_difference_step(params: Sequence[Tensor], dtype: torch.dtype | None =
     ranks) for sharded parameters. Products need float32 (or float64) arithmetic: bf16 weights cannot hold
     θ ± εv, and bf16 autocast leaves errors of 37-59% along the top eigenvector at any step.
     """
-    dtype = dtype or params[0].dtype
-    u = torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps / 2
     with torch.no_grad():
         local = [local_view(p).detach() for p in params]
         totals = torch.tensor(
@@ -148,7 +146,13 @@ def finite_difference_step(params: Sequence[Tensor], dtype: torch.dtype | None =
         )
     if any(is_sharded(p) for p in params):
         totals = sum_over_ranks(totals.to(local[0].device)).cpu()
-    return u ** (1 / 3) * (1.0 + float(totals[0]) ** 0.5) / float(totals[1]) ** 0.5
+    return step_for(dtype or params[0].dtype, float(totals[0]), int(totals[1]))
+
+
+def step_for(dtype: torch.dtype, theta_square_norm: float, count: int) -> float:
+    """ε = u^(1/3) · (1 + ‖θ‖) / √P from ‖θ‖² and P (see :func:`finite_difference_step`)."""
+    u = torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps / 2
+    return u ** (1 / 3) * (1.0 + theta_square_norm**0.5) / count**0.5
 
 
 class _LossClosure:

@@ -29,7 +29,7 @@ def add_step_noise(run: LevyRun, levy: LevyArguments, step: int, pre_clip_norm: 
     optimizer skips the step too) or the draw would overflow the gradient dtype. ``pre_clip_norm``, the
     gradient norm before ``max_grad_norm`` clipping, scales the calibrated noise with the clipping.
     """
-    if all(p.grad is None for p in run.params):
+    if not run.space.has_grads():
         return False
     # The only host sync of the step: the noise scale and its cap are relative to ‖g‖.
     grad_norm = run.space.grad_norm()

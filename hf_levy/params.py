@@ -104,6 +104,11 @@ class ParameterSpace:
             self.dim = int(longest)
 
     @property
+    def exact_products(self) -> bool:
+        """Whether double-backward products can run (not on FSDP's sharded parameters)."""
+        return not self.sharded
+
+    @property
     def device(self) -> torch.device:
         """Where this rank's pieces live (and where collectives run)."""
         return local_view(self.params[0]).device
@@ -133,6 +138,10 @@ class ParameterSpace:
     def unpad(self, flat_P: Tensor) -> Tensor:
         """The first P_local entries of a (dim,) vector: this rank's elements."""
         return flat_P[: self.local_numel]
+
+    def has_grads(self) -> bool:
+        """Whether any parameter has a ``.grad`` (none before the first backward, or after zero_grad)."""
+        return any(p.grad is not None for p in self.params)
 
     def grad_norm(self) -> float:
         """‖g‖ over all ranks' elements (float64), from the local pieces of ``.grad``; one host sync."""

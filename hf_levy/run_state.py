@@ -27,6 +27,7 @@ from hf_levy.rng import step_generator
 from hf_levy.schedule import STATE_KEYS as SCHEDULE_KEYS
 from hf_levy.schedule import RefreshSchedule
 from hf_levy.sketch import HessianSketch, SketchSettings
+from hf_levy.zero_space import ZeroSpace, uses_deepspeed, zero_optimizer_of
 
 logger = logging.getLogger(__name__)
 
@@ -172,18 +173,24 @@ def saved_state_problem(saved: dict[str, Tensor], dim: int, num_eigenpairs: int)
     return None
 
 
-def start_run(levy: LevyArguments, args: Any, model: nn.Module, train_dataloader: Any) -> LevyRun:
-    """Check the run's setup against the levy fields and build its state. Raises ValueError naming the
-    setting and the fix."""
+def start_run(
+    levy: LevyArguments, args: Any, model: nn.Module, train_dataloader: Any, optimizer: Any = None
+) -> LevyRun:
+    """Check the run's setup against the levy fields and build its state (over DeepSpeed's ZeRO partition
+    when ``optimizer`` is DeepSpeed's). Raises ValueError naming the setting and the fix."""
     params = trainable_parameters(model)
     if not params:
         raise ValueError(
             "the model has no trainable parameters (requires_grad=True): nothing to sketch or perturb"
         )
-    space = ParameterSpace(params)
+    space = (
+        ZeroSpace(params, zero_optimizer_of(optimizer))
+        if uses_deepspeed(optimizer)
+        else ParameterSpace(params)
+    )
     world = rank_and_world()[1]
     if space.sharded:
-        _check_sharded(levy, world)
+        _check_sharded(levy, world, space)
     dataset = train_dataloader.dataset
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise ValueError("the sketch batch is drawn by index: LevyTrainer needs a map-style train_dataset")
@@ -248,13 +255,19 @@ def examples_per_batch(train_dataloader: Any, args: Any) -> int:
     return args.per_device_train_batch_size * args.world_size
 
 
-def _check_sharded(levy: LevyArguments, world: int) -> None:
-    if levy.hvp_method == "autograd":
+def _check_sharded(levy: LevyArguments, world: int, space: ParameterSpace) -> None:
+    engine = "DeepSpeed ZeRO-3" if isinstance(space, ZeroSpace) else "FSDP"
+    if levy.hvp_method == "autograd" and not space.exact_products:
         raise ValueError(
-            "hvp_method='autograd' is not available under FSDP (sharded parameters have no double "
+            f"hvp_method='autograd' is not available under {engine} (sharded parameters have no double "
             "backward): set hvp_method='finite_difference' or 'auto'"
         )
-    if levy.sketch_batch_size % world:
+    if isinstance(space, ZeroSpace) and levy.levy_virtual_batch_size is not None:
+        raise ValueError(
+            f"levy_virtual_batch_size={levy.levy_virtual_batch_size} (calibration) is not available under "
+            "DeepSpeed: unset it and set levy_scale, or train with DDP or FSDP to calibrate"
+        )
+    if levy.sketch_batch_size % world and not isinstance(space, ZeroSpace):  # ZeRO products weigh the shares
         logger.warning(
             "hf_levy: sketch_batch_size=%d is not a multiple of the %d ranks; FSDP averages the ranks' "
             "gradients equally, so the sketch weights their shares unevenly",

@@ -19,6 +19,8 @@ from hf_levy import rng
 from hf_levy.hvp import LossFn, make_hvp
 from hf_levy.params import ParameterSpace, rank_and_world, sum_over_ranks
 from hf_levy.rng import step_generator
+from hf_levy.zero_hvp import zero_matvec
+from hf_levy.zero_space import ZeroSpace
 
 
 def sketch_batch(dataset: Any, collate_fn: Callable, size: int, seed: int, step: int) -> dict[str, Any]:
@@ -46,25 +48,56 @@ def sketch_matvec(
     loss_fn: LossFn | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """v_P ↦ (H v)_P on the sketch batch as this rank sees it (see the module docstring)."""
-    if method == "finite_difference":
-        # A central difference divides rounding error by ε, so low-precision matmuls would swamp the
-        # product: these products run in float32 even when training uses bf16/fp16 autocast.
-        with full_precision_forward(model):
-            fd = make_hvp(model, batch, params, method=method, loss_fn=loss_fn)
-
-        def hvp(v_P: Tensor) -> Tensor:
-            with full_precision_forward(model):
-                return fd(v_P)
-
-    else:
-        hvp = make_hvp(model, batch, params, method=method, loss_fn=loss_fn)
+    if isinstance(space, ZeroSpace):
+        return zero_matvec(
+            model,
+            batch,
+            space,
+            method,
+            lambda: _rank_averaged(_product(model, batch, params, method, loss_fn), batch, space),
+            _batch_share(batch, space),
+            loss_fn,
+        )
+    hvp = _product(model, batch, params, method, loss_fn)
     if space.sharded:
         return lambda v_P: space.pad(hvp(space.unpad(v_P)))
     if rank_and_world()[1] == 1:
         return hvp
+    return _rank_averaged(hvp, batch, space)
+
+
+def _product(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    params: Sequence[nn.Parameter],
+    method: str,
+    loss_fn: LossFn | None,
+) -> Callable[[Tensor], Tensor]:
+    """This rank's v ↦ H v on its share of the batch, over whole (or FSDP-local) parameters."""
+    if method != "finite_difference":
+        return make_hvp(model, batch, params, method=method, loss_fn=loss_fn)
+    # A central difference divides rounding error by ε, so low-precision matmuls would swamp the
+    # product: these products run in float32 even when training uses bf16/fp16 autocast.
+    with full_precision_forward(model):
+        fd = make_hvp(model, batch, params, method=method, loss_fn=loss_fn)
+
+    def hvp(v_P: Tensor) -> Tensor:
+        with full_precision_forward(model):
+            return fd(v_P)
+
+    return hvp
+
+
+def _batch_share(batch: Mapping[str, Any], space: ParameterSpace) -> float:
+    """This rank's fraction of the sketch batch (its examples over all ranks' examples)."""
     share = float(count_examples(batch))
-    total = float(sum_over_ranks(torch.tensor(share, dtype=torch.float64, device=space.device)))
-    return lambda v_P: sum_over_ranks(hvp(v_P.to(space.device)) * (share / total)).to(v_P.device)
+    return share / float(sum_over_ranks(torch.tensor(share, dtype=torch.float64, device=space.device)))
+
+
+def _rank_averaged(hvp: Callable[[Tensor], Tensor], batch: Mapping[str, Any], space: ParameterSpace):
+    """The ranks' products on replicated parameters, averaged by their shares of the batch (one all-reduce)."""
+    weight = _batch_share(batch, space)
+    return lambda v_P: sum_over_ranks(hvp(v_P.to(space.device)) * weight).to(v_P.device)
 
 
 @contextlib.contextmanager

@@ -69,9 +69,3 @@ def test_sft_trainer_with_the_callback_gets_noise_and_logs_curvature(tmp_path):
     ]
     assert all(moved), "every parameter differs from the noise-free SFT run"
 
-
-def test_deepspeed_is_refused_with_the_alternatives_named():
-    from types import SimpleNamespace
-
-    with pytest.raises(ValueError, match="DeepSpeed.*DDP.*FSDP"):
-        LevyCallback(LevyArguments()).attach(SimpleNamespace(is_deepspeed_enabled=True))

@@ -1,0 +1,208 @@
+"""DeepSpeed ZeRO (stages 1, 2, 3): flat vectors over the elements this rank's optimizer partition owns.
+
+ZeRO splits the trainable parameters between the ranks as contiguous ranges of their flattened elements
+(stages 1 and 2: ranges of each parameter group's flat buffer, so a parameter may be split between two
+ranks or held whole by one; stage 3: every parameter in N equal pieces, the last padded). Between
+DeepSpeed's backward and its optimizer step the gradient, averaged over the ranks, exists only in those
+ranges. So a flat vector here is, like an FSDP shard, this rank's piece: for each parameter in order the
+range ``[start, start + n)`` of its flattened elements the rank owns, concatenated (P_local elements) and
+padded with zeros to ``dim`` = max over ranks of P_local. A global inner product is a local dot and a
+sum over ranks; the pieces of all ranks together are the full (P,) vector exactly once.
+
+Gradients are read and written through DeepSpeed's own gradient fragments: stage 3's
+``safe_get_local_grad`` / ``safe_set_local_grad``, and at stages 1 and 2 the fragment tensor that
+``safe_set_full_grad`` writes (DeepSpeed has no local setter there). Under fp16 they hold the gradient
+times the loss scale; every method here works in unscaled units.
+
+Legend: P trainable parameters (all elements), P_local this rank's, K eigenpairs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from hf_levy.params import ParameterSpace, rank_and_world, sum_over_ranks
+
+
+def zero_optimizer_of(optimizer: Any) -> Any:
+    """The DeepSpeed ZeRO optimizer inside the Trainer's optimizer wrappers (Accelerate's, DeepSpeed's).
+
+    Raises:
+        ValueError: naming what was found, when no ZeRO stage 1-3 optimizer is inside (ZeRO stage 0, or
+            DeepSpeed's bf16 optimizer, which it picks for bf16 at stage 0/1).
+    """
+    seen = []
+    while optimizer is not None:
+        seen.append(type(optimizer).__name__)
+        if type(optimizer).__name__ in ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3"):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    raise ValueError(
+        f"hf_levy needs a DeepSpeed ZeRO stage 1, 2 or 3 optimizer, found {' -> '.join(seen) or 'none'}: set "
+        '"zero_optimization": {"stage": 1, 2 or 3} in the DeepSpeed config (with bf16, DeepSpeed uses its '
+        "own BF16 optimizer at stages 0 and 1: use stage 2 or 3)"
+    )
+
+
+def zero_stage(optimizer: Any) -> int:
+    """3 for DeepSpeed's stage-3 optimizer, else 2 when it partitions gradients, else 1."""
+    if type(optimizer).__name__ == "DeepSpeedZeroOptimizer_Stage3":
+        return 3
+    return 2 if getattr(optimizer, "partition_gradients", False) else 1
+
+
+def full_numel(p: Tensor) -> int:
+    """Elements of parameter ``p`` (stage 3 keeps only this rank's piece in memory: ``ds_numel``)."""
+    return p.ds_numel if hasattr(p, "ds_id") else p.numel()
+
+
+def owned_range(p: Tensor, rank: int) -> tuple[int, int]:
+    """(start, n): the elements ``[start, start + n)`` of flattened ``p`` that this rank's partition owns."""
+    if hasattr(p, "ds_id"):  # stage 3: equal pieces of ds_tensor.numel(), the last one padded
+        size = p.ds_tensor.numel()
+        start = rank * size
+        return start, max(0, min(size, p.ds_numel - start))
+    mapping = getattr(p, "_hp_mapping", None)  # stages 1, 2: set by DeepSpeed for owned fragments only
+    if mapping is None:
+        return 0, 0
+    return mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+
+
+class ZeroSpace(ParameterSpace):
+    """:class:`ParameterSpace` over the ranges a ZeRO optimizer partition owns (see the module docstring).
+
+    ``pad``, ``unpad``, ``reduce`` and ``broadcast_`` are the parent's; gradients go through DeepSpeed's
+    fragments, and :meth:`full` / :meth:`local` convert between the (P,) vector and this rank's piece.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], optimizer: Any):
+        self.params = list(params)
+        self.optimizer = optimizer
+        self.stage = zero_stage(optimizer)
+        self.sharded = True
+        rank = rank_and_world()[0]
+        self.ranges = [owned_range(p, rank) for p in self.params]
+        sizes = [full_numel(p) for p in self.params]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]  # of each parameter in the (P,) vector
+        self.full_dim = sum(sizes)
+        self.local_numel = sum(n for _, n in self.ranges)
+        longest = torch.tensor(self.local_numel, dtype=torch.int64, device=self.device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        self.dim = int(longest)
+
+    @property
+    def device(self) -> torch.device:
+        p = self.params[0]
+        return p.ds_tensor.device if hasattr(p, "ds_id") else p.device
+
+    @property
+    def exact_products(self) -> bool:
+        """Stages 1 and 2 keep whole parameters, which double backward needs; stage 3 does not."""
+        return self.stage < 3
+
+    @property
+    def loss_scale(self) -> float:
+        """DeepSpeed's fp16 loss scale (1 without fp16): the factor its gradient fragments carry."""
+        return float(getattr(self.optimizer, "loss_scale", 1.0) or 1.0)
+
+    # ------------------------------------------------------------------ gradients
+    def _fragments(self) -> list[Tensor | None]:
+        """Each parameter's owned gradient fragment (n elements, flat), or None where it owns none."""
+        out: list[Tensor | None] = []
+        for p, (_, n) in zip(self.params, self.ranges, strict=True):
+            if n == 0:
+                out.append(None)
+            elif self.stage == 3:
+                from deepspeed.utils import safe_get_local_grad
+
+                out.append(safe_get_local_grad(p).reshape(-1)[:n])
+            else:
+                out.append(p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1))
+        return out
+
+    def _write(self, p: Tensor, fragment: Tensor, n: int) -> None:
+        """Stage 3 hands out copies: the changed owned elements go back through DeepSpeed's setter."""
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+            whole = safe_get_local_grad(p).clone().reshape(-1)
+            whole[:n] = fragment
+            safe_set_local_grad(p, whole)
+
+    def has_grads(self) -> bool:
+        """True: the seam runs between DeepSpeed's backward and its step, where the fragments exist."""
+        return True
+
+    def grad_norm(self) -> float:
+        """‖g‖ (unscaled, float64) over all ranks from the owned fragments; one host sync."""
+        local = [f for f in self._fragments() if f is not None]
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
+        if local:
+            squares = torch.stack(torch._foreach_norm(local)).double().pow(2).sum().to(self.device)
+        return float(sum_over_ranks(squares).sqrt()) / self.loss_scale
+
+    def scale_grads(self, factor: float) -> None:
+        """g ← factor · g in every owned fragment (the clipping DeepSpeed would have done)."""
+        for p, f, (_, n) in zip(self.params, self._fragments(), self.ranges, strict=True):
+            if f is not None:
+                f.mul_(factor)
+                self._write(p, f, n)
+
+    def add_to_grads(self, flat_P: Tensor) -> None:
+        """g += ``flat_P`` (a (dim,) vector of this rank's pieces, in unscaled units; padding ignored)."""
+        scale = self.loss_scale
+        start = 0
+        for p, f, (_, n) in zip(self.params, self._fragments(), self.ranges, strict=True):
+            if f is not None:
+                piece = flat_P[start : start + n].to(device=f.device, dtype=torch.float64) * scale
+                f.add_(piece.to(f.dtype))
+                self._write(p, f, n)
+            start += n
+
+    def add_combination_to_grads(self, vectors_PK: Tensor, coef_K: Tensor) -> None:
+        """g += ``vectors_PK`` · ``coef_K`` on the owned fragments (vectors: this rank's pieces)."""
+        self.add_to_grads(vectors_PK @ coef_K.to(device=vectors_PK.device, dtype=vectors_PK.dtype))
+
+    # ------------------------------------------------------------------ conversions
+    def full(self, v_P: Tensor) -> Tensor:
+        """The (P,) vector whose pieces the ranks hold as ``v_P`` ((dim,) each): one all-reduce of P."""
+        out = torch.zeros(self.full_dim, dtype=v_P.dtype, device=self.device)
+        start = 0
+        for offset, (first, n) in zip(self.offsets, self.ranges, strict=True):
+            out[offset + first : offset + first + n] = v_P[start : start + n]
+            start += n
+        return sum_over_ranks(out).to(v_P.device)
+
+    def local(self, full_P: Tensor) -> Tensor:
+        """This rank's (dim,) piece of a (P,) vector (padded with zeros)."""
+        pieces = [
+            full_P[o + first : o + first + n] for o, (first, n) in zip(self.offsets, self.ranges, strict=True)
+        ]
+        return self.pad(torch.cat(pieces)) if pieces else full_P.new_zeros(self.dim)
+
+
+def clip_zero_grads(space: ZeroSpace, max_norm: float) -> float:
+    """DeepSpeed's ``gradient_clipping``, done by hf_levy so that the noise comes after it, as elsewhere:
+    g ← g / max(1, (‖g‖ + 1e-6) / max_norm) (DeepSpeed's formula). Returns ‖g‖ before clipping; a
+    non-finite norm (fp16 overflow: DeepSpeed skips the step) leaves g as it is."""
+    norm = space.grad_norm()
+    if max_norm > 0 and math.isfinite(norm):
+        factor = max(1.0, (norm + 1e-6) / max_norm)
+        if factor > 1.0:
+            space.scale_grads(1.0 / factor)
+    return norm
+
+
+def uses_deepspeed(optimizer: Any) -> bool:
+    """Whether the Trainer's optimizer is (or wraps) one of DeepSpeed's."""
+    while optimizer is not None:
+        if type(optimizer).__name__.startswith("DeepSpeed"):
+            return True
+        optimizer = getattr(optimizer, "optimizer", None)
+    return False
