@@ -380,8 +380,8 @@ MUTANTS = [
     M(
         "hvp",
         "constant",
-        "return u ** (1 / 3) * (1.0 + float(totals[0]) ** 0.5)",
-        "return u ** (1 / 2) * (1.0 + float(totals[0]) ** 0.5)",
+        "return u ** (1 / 3) * (1.0 + theta_square_norm**0.5)",
+        "return u ** (1 / 2) * (1.0 + theta_square_norm**0.5)",
     ),
     M(
         "hvp",
@@ -411,7 +411,7 @@ MUTANTS = [
         "if fd_step is not None and fd_step < 0:",
     ),
     M("hvp", "logic", "                    shard.copy_(s)\n", "                    pass\n"),
-    M("hvp", "constant", "/ float(totals[1]) ** 0.5", "/ float(totals[1])"),
+    M("hvp", "constant", "/ count**0.5", "/ count"),
     # ---------------------------------------------------------------- params
     M(
         "params",
@@ -720,8 +720,8 @@ MUTANTS = [
     M(
         "sketch_hvp",
         "logic",
-        'if method == "finite_difference":\n        # A central',
-        'if method == "never":\n        # A central',
+        'if method != "finite_difference":\n        return make_hvp',
+        "if True:\n        return make_hvp",
     ),
     M(
         "sketch_hvp",
@@ -789,8 +789,8 @@ MUTANTS = [
     M(
         "callback",
         "bound",
-        "if self.levy.levy_scale == 0 or not self.run.sketch.ready:",
-        "if self.levy.levy_scale < 0 or not self.run.sketch.ready:",
+        "if self.levy.levy_scale == 0 or not self.run.sketch.ready or",
+        "if self.levy.levy_scale < 0 or not self.run.sketch.ready or",
     ),
     M(
         "callback",
