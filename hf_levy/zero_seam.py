@@ -8,7 +8,7 @@ fp16 overflow, unscales, clips and updates. That call is wrapped here.
 
 Clipping moves with it: elsewhere the noise is added after ``max_grad_norm`` clipping and is not
 clipped itself (its size is relative to the clipped ‖g‖), but DeepSpeed clips inside ``step``, after
-anything added before it. So the ZeRO optimizer's ``clip_grad`` is set to 0 and the wrapper clips first
+anything added before it. So the ZeRO optimizer's ``clip_grad`` is set to 0 during the call and the wrapper clips first
 with DeepSpeed's formula (:func:`hf_levy.zero_space.clip_zero_grads`), then adds the noise. DeepSpeed's
 grad norm, which the Trainer logs as ``grad_norm``, is set back to ‖g‖ before clipping and noise, what
 the Trainer logs without DeepSpeed.
@@ -26,21 +26,25 @@ WRAPPED = "_hf_levy_before_step"  # the ZeRO optimizer attribute holding the cur
 def install_before_step(optimizer: Any, before_step: Callable[[float], float]) -> None:
     """Wrap ``optimizer.step`` (a DeepSpeed ZeRO optimizer) to call ``before_step(max_norm)`` first.
 
-    ``max_norm`` is DeepSpeed's ``gradient_clipping`` (0: none), which the wrapper takes over;
-    ``before_step`` returns ‖g‖ before clipping. Installing again (a second ``train()``) only replaces
+    ``max_norm`` is DeepSpeed's ``gradient_clipping`` (0: none), which the wrapper takes over for the
+    call; ``before_step`` returns ‖g‖ before clipping. Installing again (a second ``train()``) only replaces
     the hook.
     """
     if hasattr(optimizer, WRAPPED):
         setattr(optimizer, WRAPPED, before_step)
         return
     setattr(optimizer, WRAPPED, before_step)
-    max_norm = float(optimizer.clip_grad or 0.0)
-    optimizer.clip_grad = 0.0
     original = optimizer.step
 
     def step(*args: Any, **kwargs: Any) -> Any:
+        # Off only for this call: DeepSpeed saves clip_grad in its checkpoints, which must keep the setting.
+        max_norm = float(optimizer.clip_grad or 0.0)
         norm = getattr(optimizer, WRAPPED)(max_norm)
-        result = original(*args, **kwargs)
+        optimizer.clip_grad = 0.0
+        try:
+            result = original(*args, **kwargs)
+        finally:
+            optimizer.clip_grad = max_norm
         if math.isfinite(norm) and not getattr(optimizer, "overflow", False):
             optimizer._global_grad_norm = norm
         return result

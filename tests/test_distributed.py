@@ -15,8 +15,15 @@ SCRIPT = pathlib.Path(__file__).parent / "distributed" / "ddp_train.py"
 pytestmark = pytest.mark.slow
 
 
-def torchrun(out: pathlib.Path, *flags: str, script: pathlib.Path = SCRIPT) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(pathlib.Path(__file__).parents[1])}
+def torchrun(
+    out: pathlib.Path, *flags: str, script: pathlib.Path = SCRIPT, env: dict[str, str] | None = None
+) -> list[dict]:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(pathlib.Path(__file__).parents[1]),
+        **(env or {}),
+    }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     for _attempt in range(2):
         result = subprocess.run(
