@@ -36,9 +36,9 @@ package-check: $(STAMP)  ## build the sdist and wheel, install the wheel alone i
 recipe: $(STAMP)  ## train the default recipe's arms (stock Trainer vs LevyTrainer) and write the report
 	OMP_NUM_THREADS=1 $(BIN)/hf-levy compare --config $(RECIPE)
 
-lint: $(STAMP)  ## run ruff on the package, tests and benchmarks
-	$(BIN)/ruff check hf_levy tests benchmarks
-	$(BIN)/ruff format --check hf_levy tests benchmarks
+lint: $(STAMP)  ## run ruff on the package, tests, benchmarks and examples
+	$(BIN)/ruff check hf_levy tests benchmarks examples
+	$(BIN)/ruff format --check hf_levy tests benchmarks examples
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache build *.egg-info
