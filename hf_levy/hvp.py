@@ -253,14 +253,7 @@ def _finite_difference_hvp(
 ) -> Callable[[Tensor], Tensor]:
     step = fd_step if fd_step is not None else finite_difference_step(params)
     work_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-    low = sorted({str(p.dtype) for p in params if p.dtype in (torch.bfloat16, torch.float16)})
-    if low:
-        warnings.warn(
-            f"finite-difference Hessian-vector products on {', '.join(low)} parameters are inaccurate (the weights "
-            "cannot hold θ ± εv; relative errors of 0.1 to 10 were measured): keep float32 weights (Trainer's "
-            "bf16=True does) or use method='autograd'",
-            stacklevel=3,
-        )
+    warn_if_low_precision(params)
     sharded = any(is_sharded(p) for p in params)
     gradient = _sharded_gradient if sharded else (lambda c, ps: flatten(_grad([c()], ps)))
     # Writing through .data keeps autograd's version counters untouched: the values are restored bit for
@@ -297,6 +290,18 @@ def _finite_difference_hvp(
         return g_plus.sub_(g_minus).div_(2 * eps).to(dtype=out_dtype, device=v_P.device)
 
     return hvp
+
+
+def warn_if_low_precision(params: Sequence[Tensor]) -> None:
+    """Finite differences need weights that can hold θ ± εv: warn for bf16/fp16 ones."""
+    low = sorted({str(p.dtype) for p in params if p.dtype in (torch.bfloat16, torch.float16)})
+    if low:
+        warnings.warn(
+            f"finite-difference Hessian-vector products on {', '.join(low)} parameters are inaccurate (the weights "
+            "cannot hold θ ± εv; relative errors of 0.1 to 10 were measured): keep float32 weights (Trainer's "
+            "bf16=True does) or use method='autograd'",
+            stacklevel=4,
+        )
 
 
 def _sharded_gradient(closure: _LossClosure, params: list[Tensor]) -> Tensor:

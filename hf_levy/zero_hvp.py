@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hf_levy.hvp import LossFn, _LossClosure, step_for
+from hf_levy.hvp import LossFn, _LossClosure, step_for, warn_if_low_precision
 from hf_levy.params import sum_over_ranks
 from hf_levy.zero_space import ZeroSpace
 
@@ -62,6 +62,7 @@ class Stage3FiniteDifference:
     ):
         self.space, self.share = space, share
         self.params = space.params
+        warn_if_low_precision(self.params)  # DeepSpeed's bf16/fp16 keeps low-precision weights
         self.closure = _LossClosure(model, batch, self.params, loss_fn)
         self.pieces = [p.ds_tensor.view(-1)[:n] for p, (_, n) in zip(self.params, space.ranges, strict=True)]
         with torch.no_grad():

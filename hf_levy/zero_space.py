@@ -35,7 +35,7 @@ def zero_optimizer_of(optimizer: Any) -> Any:
 
     Raises:
         ValueError: naming what was found, when no ZeRO stage 1-3 optimizer is inside (ZeRO stage 0, or
-            DeepSpeed's bf16 optimizer, which it picks for bf16 at stage 0/1).
+            DeepSpeed's BF16_Optimizer, which it picks for bf16 at stage 1 with fp32 gradient accumulation).
     """
     seen = []
     while optimizer is not None:
@@ -45,8 +45,8 @@ def zero_optimizer_of(optimizer: Any) -> Any:
         optimizer = getattr(optimizer, "optimizer", None)
     raise ValueError(
         f"hf_levy needs a DeepSpeed ZeRO stage 1, 2 or 3 optimizer, found {' -> '.join(seen) or 'none'}: set "
-        '"zero_optimization": {"stage": 1, 2 or 3} in the DeepSpeed config (with bf16, DeepSpeed uses its '
-        "own BF16 optimizer at stages 0 and 1: use stage 2 or 3)"
+        '"zero_optimization": {"stage": 1, 2 or 3} in the DeepSpeed config; DeepSpeed\'s BF16_Optimizer (bf16 '
+        'at stage 1 with "data_types": {"grad_accum_dtype": "fp32"}) is not supported: use stage 2 or 3'
     )
 
 
@@ -200,9 +200,10 @@ def clip_zero_grads(space: ZeroSpace, max_norm: float) -> float:
 
 
 def uses_deepspeed(optimizer: Any) -> bool:
-    """Whether the Trainer's optimizer is (or wraps) one of DeepSpeed's."""
+    """Whether the Trainer's optimizer is (or wraps) one of DeepSpeed's (or Accelerate's DeepSpeed wrapper)."""
     while optimizer is not None:
-        if type(optimizer).__name__.startswith("DeepSpeed"):
+        kind = type(optimizer)
+        if kind.__module__.split(".")[0] == "deepspeed" or kind.__name__.startswith("DeepSpeed"):
             return True
         optimizer = getattr(optimizer, "optimizer", None)
     return False

@@ -10,7 +10,7 @@ import pathlib
 
 import pytest
 import torch
-from test_distributed import torchrun
+from test_distributed import torchrun_many
 from trainer_utils import run_levy
 
 pytest.importorskip("deepspeed")
@@ -21,17 +21,21 @@ CLIP = 0.5
 CONVERGED = ("--lanczos_num_iters", "48", "--lanczos_tol", "1e-6")
 
 
-def zero(out: pathlib.Path, stage: int, *flags: str) -> list[dict]:
-    return torchrun(
-        out,
-        "--zero_stage",
-        str(stage),
-        "--max_grad_norm",
-        str(CLIP),
-        *CONVERGED,
-        *flags,
-        env={"DS_ACCELERATOR": "cpu"},
+def zero_runs(folder: pathlib.Path, stage: int) -> dict:
+    """One launch at ZeRO ``stage``: the noisy run (saving at step 3), levy_scale 0, the stock Trainer, the
+    noisy run resumed from its step-3 checkpoint, and the noisy run with ZeRO's CPU offload."""
+    common = ("--zero_stage", str(stage), "--max_grad_norm", str(CLIP), *CONVERGED)
+    plan = {
+        "noisy": ("--save_steps", "3"),
+        "quiet": ("--levy_scale", "0"),
+        "stock": ("--stock",),
+        "resumed": ("--resume", str(folder / "noisy" / "checkpoint-3")),
+        "offloaded": ("--offload",),
+    }
+    results = torchrun_many(
+        [(folder / name, (*common, *flags)) for name, flags in plan.items()], env={"DS_ACCELERATOR": "cpu"}
     )
+    return {"stage": stage, **dict(zip(plan, results, strict=True))}
 
 
 RUNS: dict[int, dict] = {}  # stage -> its runs, to compare stages
@@ -39,15 +43,8 @@ RUNS: dict[int, dict] = {}  # stage -> its runs, to compare stages
 
 @pytest.fixture(scope="module", params=[1, 2, 3])
 def runs(request, tmp_path_factory):
-    """Per stage: the noisy run (saving at step 3) and, at stages 2 and 3, levy_scale 0 and the stock Trainer."""
-    stage = request.param
-    out = tmp_path_factory.mktemp(f"zero{stage}")
-    found = {"stage": stage, "out": out, "noisy": zero(out, stage, "--save_steps", "3")}
-    if stage > 1:
-        found["quiet"] = zero(tmp_path_factory.mktemp(f"quiet{stage}"), stage, "--levy_scale", "0")
-        found["stock"] = zero(tmp_path_factory.mktemp(f"stock{stage}"), stage, "--stock")
-    RUNS[stage] = found
-    return found
+    RUNS[request.param] = zero_runs(tmp_path_factory.mktemp(f"zero{request.param}"), request.param)
+    return RUNS[request.param]
 
 
 def test_ranks_end_identical_with_one_noise_draw_per_optimizer_step(runs):
@@ -100,20 +97,22 @@ def test_zero_stages_1_and_2_give_the_same_run(runs):
     )
 
 
-def test_resume_equals_the_uninterrupted_run(runs, tmp_path):
-    stage = runs["stage"]
-    if stage == 1:
-        pytest.skip("stage 1 saves and loads like stage 2")
-    resumed = zero(tmp_path, stage, "--resume", str(runs["out"] / "checkpoint-3"))
-    for r, full in zip(resumed, runs["noisy"], strict=True):
-        assert torch.equal(r["params"], full["params"])
+def test_resume_equals_the_uninterrupted_run(runs):
+    for resumed, full in zip(runs["resumed"], runs["noisy"], strict=True):
+        assert torch.equal(resumed["params"], full["params"])
 
 
 def test_noise_at_scale_zero_is_the_stock_deepspeed_run_bit_for_bit(runs):
     # The sketch still runs (steps 0 and 3): its products must leave DeepSpeed's state untouched.
-    if runs["stage"] == 1:
-        pytest.skip("checked at stages 2 and 3")
     for q, s in zip(runs["quiet"], runs["stock"], strict=True):
         assert torch.equal(q["params"], s["params"])
         assert q["grad_norms"] == s["grad_norms"]
     assert not torch.equal(runs["noisy"][0]["params"], runs["quiet"][0]["params"])  # and the noise matters
+
+
+def test_offloading_to_the_cpu_gives_the_same_run(runs):
+    # Offload moves the fp32 gradient partitions and the optimizer into host memory (and at stage 3 the
+    # parameter pieces): another place for the gradients the noise is added to, the same numbers.
+    for off, on in zip(runs["offloaded"], runs["noisy"], strict=True):
+        assert off["noise_draws"] == 6
+        torch.testing.assert_close(off["params"], on["params"], rtol=1e-5, atol=1e-6)

@@ -3,7 +3,7 @@ LevyTrainer over gloo DDP, or with ``--zero_stage S`` over DeepSpeed ZeRO-S on C
 (``DS_ACCELERATOR=cpu``), or with ``--stock`` the plain Trainer on the same setup.
 
 Writes, per rank, the final flat parameters, the sketch eigenvalues/vectors and the log history to
-``--out/rank{r}.pt``.
+``--out/rank{r}.pt``. Several runs in one launch: their arguments separated by ``::``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import hf_levy.schedule  # noqa: E402
 from hf_levy import LevyCallback, LevyConfig, LevyTrainer  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--levy_scale", type=float, default=0.5)
@@ -47,11 +47,14 @@ def main() -> None:
     )
     parser.add_argument("--zero_stage", type=int, default=None, help="DeepSpeed ZeRO stage (1, 2, 3)")
     parser.add_argument("--stock", action="store_true", help="transformers.Trainer, no hf_levy")
+    parser.add_argument(
+        "--offload", action="store_true", help="ZeRO offload of optimizer (and stage-3 params)"
+    )
     parser.add_argument("--hvp_method", default="auto")
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--lanczos_num_iters", type=int, default=SKETCH["lanczos_num_iters"])
     parser.add_argument("--lanczos_tol", type=float, default=1e-3)
-    cli = parser.parse_args()
+    cli = parser.parse_args(argv)
     torch.set_num_threads(1)
     callbacks, refreshed = [], []
     if cli.uneven_fake_clock:
@@ -63,7 +66,7 @@ def main() -> None:
     if cli.save_steps:
         fields.update(save_strategy="steps", save_steps=cli.save_steps)
     if cli.zero_stage is not None:
-        fields["deepspeed"] = zero_config(cli.zero_stage)
+        fields["deepspeed"] = zero_config(cli.zero_stage, offload=cli.offload)
     fields.update(
         output_dir=cli.out,
         max_steps=cli.max_steps,
@@ -105,14 +108,19 @@ def main() -> None:
     torch.save(out, os.path.join(cli.out, f"rank{trainer.args.process_index}.pt"))
 
 
-def zero_config(stage: int) -> dict:
+def zero_config(stage: int, offload: bool = False) -> dict:
     """A DeepSpeed config the Trainer fills in ("auto"); torch's AdamW needs no compiled op."""
+    zero: dict = {"stage": stage}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "train_batch_size": "auto",
         "gradient_clipping": "auto",
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}},
     }
 
@@ -193,8 +201,21 @@ def _install_uneven_fake_clock(refreshed: list[int]) -> TrainerCallback:
     return StepCost()
 
 
+def runs(argv: list[str]) -> list[list[str]]:
+    """The command line split at ``::`` into the runs it asks for, trained one after the other in these
+    processes (each launch costs more than a tiny run: imports, process group, DeepSpeed's setup)."""
+    out: list[list[str]] = [[]]
+    for arg in argv:
+        if arg == "::":
+            out.append([])
+        else:
+            out[-1].append(arg)
+    return out
+
+
 if __name__ == "__main__":
-    main()
+    for run_argv in runs(sys.argv[1:]):
+        main(run_argv)
     if (
         torch.distributed.is_initialized()
     ):  # a clean exit: gloo's threads are stopped before the interpreter ends
