@@ -455,6 +455,12 @@ MUTANTS = [
     M("params", "axis", "for t in tensors])", "for t in reversed(tensors)])"),
     M(
         "params",
+        "logic",
+        "return any(p.grad is not None for p in self.params)",
+        "return all(p.grad is not None for p in self.params)",
+    ),
+    M(
+        "params",
         "dtype",
         "piece = rows_NK @ coef_on(rows_NK)",
         "piece = (rows_NK @ coef_on(rows_NK)).to(torch.bfloat16)",
@@ -921,7 +927,7 @@ TESTS = {
     "krylov_basis": ["tests/test_krylov_basis.py", "tests/test_lanczos.py"],
     "lanczos": ["tests/test_lanczos.py", "tests/test_sketch.py"],
     "hvp": ["tests/test_hvp.py", "tests/test_lanczos.py"],
-    "params": ["tests/test_params.py", "tests/test_hvp.py"],
+    "params": ["tests/test_params.py", "tests/test_hvp.py", "tests/test_noise_step.py"],
     "calibration": ["tests/test_calibration.py"],
     "sketch": ["tests/test_sketch.py"],
     "schedule": ["tests/test_schedule.py"],

@@ -151,6 +151,21 @@ def test_without_gradients_nothing_is_added():
     assert all(p.grad is None for p in run.params) and run.skipped_nonfinite == 0
 
 
+def test_a_parameter_without_a_gradient_still_gets_its_part_of_the_noise():
+    # A parameter the step's loss did not reach has .grad None: ξ still lands on it (in a new gradient),
+    # with the scale set by the gradients that exist.
+    levy = LevyArguments(sketch_batch_size=4, num_eigenpairs=3, levy_scale=0.4, levy_seed=11)
+    run = sketched_run(levy)
+    weight, bias = run.params
+    bias.grad = None
+    grad_before = weight.grad.detach().double().reshape(-1).clone()
+    assert add_step_noise(run, levy, 3)
+    coef = documented_coefficients(run, levy, 3, grad_before.norm().item())
+    xi = run.sketch.vectors_PK.double() @ coef
+    torch.testing.assert_close(weight.grad.double().reshape(-1) - grad_before, xi[:6], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bias.grad.double(), xi[6:], rtol=1e-5, atol=1e-6)
+
+
 def test_the_isotropic_ablation_has_the_hessian_noise_norm_spread_over_all_coordinates():
     levy = LevyArguments(sketch_batch_size=4, num_eigenpairs=2, levy_noise_basis="isotropic", levy_seed=5)
     run = sketched_run(levy)
