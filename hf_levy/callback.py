@@ -211,6 +211,8 @@ class LevyCallback(TrainerCallback):
             failed = run.sketch.failure is not None
             if not failed:
                 warn_if_unconverged(run, self.levy, step)
+            if not failed and isinstance(run.space, ZeroSpace):
+                run.space.orient_(run.sketch.vectors_PK)
             if rank_and_world()[1] > 1 and not failed and not run.space.sharded:
                 # Every rank ran the same Lanczos on the same averaged products, so the vectors already agree;
                 # the broadcast makes that a guarantee: replicas whose noise differed would drift apart.

@@ -169,6 +169,17 @@ class ZeroSpace(ParameterSpace):
         """g += ``vectors_PK`` · ``coef_K`` on the owned fragments (vectors: this rank's pieces)."""
         self.add_to_grads(vectors_PK @ coef_K.to(device=vectors_PK.device, dtype=vectors_PK.dtype))
 
+    def orient_(self, vectors_PK: Tensor) -> Tensor:
+        """Flip each column so that its entries sum to a positive number (over all ranks); returns it.
+
+        An eigenvector is defined up to its sign, which Lanczos takes from its random start, drawn in each
+        layout's own coordinates (stage 3 splits the parameters differently from stages 1 and 2). ξ = V·coef
+        changes with that sign, so without a rule the same eigenvectors would give another run.
+        """
+        sums_K = self.reduce(self.unpad(vectors_PK).double().sum(dim=0))
+        vectors_PK.mul_(torch.where(sums_K < 0, -1.0, 1.0).to(vectors_PK))
+        return vectors_PK
+
     # ------------------------------------------------------------------ conversions
     def full(self, v_P: Tensor) -> Tensor:
         """The (P,) vector whose pieces the ranks hold as ``v_P`` ((dim,) each): one all-reduce of P."""

@@ -23,7 +23,8 @@ CONVERGED = ("--lanczos_num_iters", "48", "--lanczos_tol", "1e-6")
 
 def zero_runs(folder: pathlib.Path, stage: int) -> dict:
     """One launch at ZeRO ``stage``: the noisy run (saving at step 3), levy_scale 0, the stock Trainer, the
-    noisy run resumed from its step-3 checkpoint, and the noisy run with ZeRO's CPU offload."""
+    noisy run resumed from its step-3 checkpoint, the noisy run with ZeRO's CPU offload, and at stage 2 the
+    noisy run with finite-difference products."""
     common = ("--zero_stage", str(stage), "--max_grad_norm", str(CLIP), *CONVERGED)
     plan = {
         "noisy": ("--save_steps", "3"),
@@ -32,6 +33,8 @@ def zero_runs(folder: pathlib.Path, stage: int) -> dict:
         "resumed": ("--resume", str(folder / "noisy" / "checkpoint-3")),
         "offloaded": ("--offload",),
     }
+    if stage == 2:
+        plan["finite_difference"] = ("--hvp_method", "finite_difference")  # stage 3's products
     results = torchrun_many(
         [(folder / name, (*common, *flags)) for name, flags in plan.items()], env={"DS_ACCELERATOR": "cpu"}
     )
@@ -92,9 +95,22 @@ def test_eigenvalues_equal_the_single_process_ones_on_the_same_sketch_batch(runs
 def test_zero_stages_1_and_2_give_the_same_run(runs):
     if runs["stage"] != 2 or 1 not in RUNS:
         pytest.skip("compared once, from the stage-2 run, with stage 1's")
+    # Their reductions differ (all-reduce at the step boundary, reduce-scatter per bucket): rounding only.
     torch.testing.assert_close(
-        RUNS[1]["noisy"][0]["params"], runs["noisy"][0]["params"], rtol=1e-5, atol=1e-6
+        RUNS[1]["noisy"][0]["params"], runs["noisy"][0]["params"], rtol=1e-5, atol=1e-5
     )
+
+
+def test_zero_stage_3_gives_the_stage_2_run_up_to_its_finite_differences(runs):
+    # Stage 3 splits the parameters differently, so Lanczos starts elsewhere; the converged eigenvectors
+    # are oriented (entries summing to > 0), so the same directions give the same noise. Left: the products'
+    # own rounding (measured: eigenvalues at step 3 within 2e-5, parameters within 3e-4 after 6 steps; with
+    # the orientation removed they part by 0.18).
+    if runs["stage"] != 3 or 2 not in RUNS:
+        pytest.skip("compared once, from the stage-3 run, with stage 2's")
+    stage2, stage3 = RUNS[2]["finite_difference"][0], runs["noisy"][0]
+    torch.testing.assert_close(stage3["values"], stage2["values"], rtol=1e-4, atol=0)
+    assert (stage3["params"] - stage2["params"]).norm() < 1e-3 * stage2["params"].norm()
 
 
 def test_resume_equals_the_uninterrupted_run(runs):

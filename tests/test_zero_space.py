@@ -162,3 +162,10 @@ def test_calibration_and_exact_products_at_stage_3_are_refused_with_the_setting_
     space.stage = 3
     with pytest.raises(ValueError, match="hvp_method='autograd'.*DeepSpeed ZeRO-3.*finite_difference"):
         _check_sharded(LevyArguments(hvp_method="autograd"), 1, space)
+
+
+def test_eigenvectors_are_oriented_so_that_their_entries_sum_above_zero(one_process):
+    space, _ = space_of()
+    vectors = torch.tensor([[1.0, 3.0], [-2.0, 0.0], [-1.0, -1.0], [0.5, 0.0], [0.0, -1.0]])
+    oriented = space.orient_(vectors.clone())
+    assert oriented.tolist() == [[-1.0, 3.0], [2.0, 0.0], [1.0, -1.0], [-0.5, 0.0], [0.0, -1.0]]  # sums -1.5, 1
