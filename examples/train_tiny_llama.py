@@ -61,3 +61,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # stop the process group's threads before the interpreter exits
+        torch.distributed.destroy_process_group()
