@@ -123,7 +123,8 @@ class ZeroSpace(ParameterSpace):
 
                 out.append(safe_get_local_grad(p).reshape(-1)[:n])
             else:
-                out.append(p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1))
+                # view, not reshape: the noise must land in DeepSpeed's buffer, never in a silent copy
+                out.append(p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).view(-1))
         return out
 
     def _write(self, p: Tensor, fragment: Tensor, n: int) -> None:
