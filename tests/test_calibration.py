@@ -128,6 +128,16 @@ def test_fit_is_location_invariant_and_scale_equivariant():
     torch.testing.assert_close(moved.scale_K, 3.0 * base.scale_K, rtol=1e-6, atol=0)
 
 
+def test_fit_with_alpha_two_given_takes_the_gaussian_scale():
+    # N(0, σ²) is SαS(2, σ/√2): α = 2 is a valid value to fix, and the scale is fitted at it.
+    x = 0.3 * torch.randn(2000, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    fit = fit_directional_noise(x, alpha=2.0)
+    assert torch.equal(fit.alpha_K, torch.full((2,), 2.0, dtype=torch.float64))
+    torch.testing.assert_close(
+        fit.scale_K, torch.full((2,), 0.3 / 2**0.5, dtype=torch.float64), rtol=0.05, atol=0
+    )
+
+
 def test_fit_clips_alpha_into_range_unless_asked_for_raw():
     x = sample_symmetric_stable(
         (256, 2), 2.0, generator=torch.Generator().manual_seed(3), dtype=torch.float64
@@ -182,6 +192,10 @@ def test_injected_scale_special_cases():
     c = torch.tensor([0.5, 2.0], dtype=torch.float64)
     # full batch: the gradient has no noise of its own, inject all of it
     torch.testing.assert_close(injected_scale(c, torch.tensor([1.5, 1.0]), 8, None), c)
+    # ... in the broadcast shape of the scales and the alphas
+    torch.testing.assert_close(
+        injected_scale(0.5, torch.tensor([1.5, 1.0]), 8, None), torch.full((2,), 0.5, dtype=torch.float64)
+    )
     # α = 1: a mean of Cauchy draws does not shrink, α < 1 it grows: nothing to add
     assert torch.equal(injected_scale(c, 1.0, 8, 64), torch.zeros(2, dtype=torch.float64))
     assert torch.equal(injected_scale(c, 0.7, 8, 64), torch.zeros(2, dtype=torch.float64))
@@ -203,6 +217,7 @@ def test_virtual_batch_not_smaller_than_physical_is_rejected_naming_both():
     [
         ((torch.tensor([-1.0]), 1.5, 4, 8), "scale_b_K"),
         ((torch.tensor([float("nan")]), 1.5, 4, 8), "scale_b_K"),
+        ((torch.tensor([math.inf]), 1.5, 4, 8), "scale_b_K"),
         ((torch.ones(1), 2.5, 4, 8), "alpha_K"),
         ((torch.ones(1), 0.0, 4, 8), "alpha_K"),
         ((torch.ones(1), 1.5, 0, 8), "virtual_batch_size"),
@@ -262,6 +277,13 @@ def test_variance_share_equals_the_explicit_ratio_of_centred_sums():
     got = variance_share(grads_MP @ V, float(grads_MP.square().sum()), grads_MP.sum(dim=0))
     assert got == pytest.approx(want, rel=1e-10)
     assert 0 < got < 1
+
+
+def test_variance_share_is_undefined_when_the_gradients_do_not_vary():
+    grads_MP = torch.ones(40, 5, dtype=torch.float64) * torch.arange(5.0, dtype=torch.float64)
+    V = torch.eye(5, 2, dtype=torch.float64)
+    share = variance_share(grads_MP @ V, float(grads_MP.square().sum()), grads_MP.sum(dim=0))
+    assert math.isnan(share)  # 0 / 0: no variance to share, not "none of it in the K directions"
 
 
 def test_projections_carry_the_variance_share_of_their_directions():

@@ -354,6 +354,8 @@ def test_non_finite_product_raises_floating_point_error_naming_the_iteration():
         ({"init": torch.ones(9)}, "init"),
         ({"init": torch.zeros(10)}, "init"),
         ({"init": torch.zeros(10, 2)}, "init"),
+        ({"init": torch.full((10,), float("nan"))}, "init"),
+        ({"init": torch.ones(10, 2).index_fill_(0, torch.tensor([3]), float("inf"))}, "init"),
         ({"dtype": torch.int64}, "dtype"),
     ],
 )

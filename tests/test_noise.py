@@ -121,6 +121,18 @@ def test_step_noise_scales_follow_the_formula_in_each_mode():
         **common,
     )
     torch.testing.assert_close(calibrated.coef_K, 2.0 * 0.75 * scales * z, rtol=1e-12, atol=0)
+    # no pre-clip norm (no clipping, max_grad_norm=0): nothing shrinks the calibrated noise
+    unclipped = step_noise(
+        3.0,
+        values,
+        step_generator(1, 7),
+        levy_scale=2.0,
+        scale_mode="relative",
+        calibrated_scale_K=scales,
+        calibrated_alpha_K=alphas,
+        **common,
+    )
+    torch.testing.assert_close(unclipped.coef_K, 2.0 * scales * z, rtol=1e-12, atol=0)
     capped = step_noise(
         3.0,
         values,

@@ -95,6 +95,18 @@ def test_state_round_trip():
     assert sketch().state_dict() == {}
 
 
+def test_a_state_saved_without_its_attempted_step_takes_the_last_good_one():
+    # Files written before refreshes were retried at the period lack "attempted": the last refresh was the
+    # good one, so the schedule must wait from that step, not from step 0.
+    A, _ = planted()
+    s = sketch()
+    s.refresh(lambda v: A @ v, 60, step=4)
+    old_file = {key: value for key, value in s.state_dict().items() if key != "attempted"}
+    restored = sketch()
+    restored.load_state_dict(old_file)
+    assert (restored.step, restored.attempted) == (4, 4)
+
+
 @pytest.mark.parametrize("bad", ["values", "vectors"])
 def test_non_finite_eigenpairs_from_lanczos_are_discarded_and_the_last_good_sketch_kept(monkeypatch, bad):
     # The last guard before the noise: lanczos already raises on a non-finite product, but should a refresh still

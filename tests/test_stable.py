@@ -234,6 +234,13 @@ def test_estimators_reject_too_few_or_non_finite_samples(estimator):
         estimator(bad)
 
 
+def test_tail_index_is_infinite_when_block_sums_do_not_grow():
+    # ±1 alternating: every |X_i| = 1 and every block sum of K1 = 31 (odd) samples is ±1, so
+    # mean log|Y| − mean log|X| = 0: no growth at all, which the estimator reports as α̂ = inf.
+    samples = (-1.0) ** np.arange(1000)
+    assert estimate_tail_index(samples) == math.inf
+
+
 def test_tail_index_rejects_all_zero_samples():
     with pytest.raises(ValueError, match="all samples are zero"):
         estimate_tail_index(np.zeros(1000))
