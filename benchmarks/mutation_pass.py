@@ -113,6 +113,32 @@ MUTANTS = [
         "x.view(k2, k1).sum(dim=0)",
         equivalent="k2 ∈ [k1, k1 + 2]: for i.i.d. samples (the contract) sums of k2 strided samples have the law of k1 consecutive ones up to log(k2)/log(k1) − 1 < 0.4%",
     ),
+    M("stable", "clamp", "x = x.clamp_(-finfo.max, finfo.max) * scale", "x = x * scale"),
+    M(
+        "stable",
+        "logic",
+        "if not (isinstance(scale, float) and scale == 1.0):",
+        "if not isinstance(scale, float):",
+    ),
+    M(
+        "stable",
+        "constant",
+        "return 1.0 / diff if diff > 0 else math.inf",
+        "return 1.0 / diff if diff > 0 else 2.0",
+    ),
+    M("stable", "logic", "    if not x.any():\n        raise", "    if False:\n        raise"),
+    M(
+        "stable",
+        "logic",
+        '    bad = int((~torch.isfinite(x)).sum())\n    if bad:\n        raise ValueError(\n            f"{caller}',
+        '    bad = int(torch.isnan(x).sum())\n    if bad:\n        raise ValueError(\n            f"{caller}',
+    ),
+    M(
+        "stable",
+        "dtype",
+        "dtype = torch.get_default_dtype() if dtype is None else dtype",
+        "dtype = torch.float32 if dtype is None else dtype",
+    ),
     # ---------------------------------------------------------------- noise
     M(
         "noise",
@@ -167,6 +193,14 @@ MUTANTS = [
         "num_clipped = int((z.abs() >= clip).sum())",
         equivalent="a draw exactly at ±clip has probability 0",
     ),
+    M("noise", "logic", "            capped = True", "            capped = False"),
+    M(
+        "noise",
+        "bound",
+        "num_clipped = int((z.abs() > clip).sum())",
+        "num_clipped = int((z.abs() > 2 * clip).sum())",
+    ),
+    M("noise", "constant", "if pre_clip_norm else 1.0", "if pre_clip_norm else 0.0"),
     # ---------------------------------------------------------------- noise_tally
     M("noise_tally", "logic", "self.capped_steps += int(draw.capped)", "self.capped_steps += 1"),
     M("noise_tally", "bound", "if grad_norm > 0 else 0.0", "if grad_norm >= 0 else 0.0"),
@@ -360,6 +394,29 @@ MUTANTS = [
         "offdiag.append(offdiag_j)",
         equivalent="at a breakdown offdiag_j is below eps^(2/3)·‖H‖: the Ritz values it couples move by less than that",
     ),
+    M(
+        "lanczos",
+        "logic",
+        "        if not torch.isfinite(init).all():\n            raise",
+        "        if False:\n            raise",
+    ),
+    M(
+        "lanczos",
+        "logic",
+        "            if stop or j + 1 == m_max:",
+        "            if stop:",
+        equivalent="the for loop ends at j = m_max − 1 anyway; the extra pass after it only orthogonalizes a restart vector that nothing returns",
+    ),
+    M(
+        "lanczos",
+        "bound",
+        "return math.sqrt(max(inner(v_P[None], v_P[None]).item(), 0.0))",
+        "return math.sqrt(abs(inner(v_P[None], v_P[None]).item()))",
+        equivalent="v·v is a sum of squares, never negative in floating point: max(x, 0) and |x| agree",
+    ),
+    M("lanczos", "logic", "    if not tol > 0:\n        raise", "    if tol < 0:\n        raise"),
+    M("lanczos", "logic", "                unit = norm(q_P)\n", "                unit = 1.0\n"),
+    M("lanczos", "logic", "            offdiag_j = norm(w_P)\n        q_P", "            pass\n        q_P"),
     # ---------------------------------------------------------------- hvp
     M(
         "hvp",
@@ -519,6 +576,49 @@ MUTANTS = [
         "keep = (cols[None, :] >= torch.arange(start, stop)[:, None])",
         equivalent="the pairs (i, i) added have D = 0, which the tie filter (> a threshold >= 0) drops",
     ),
+    M(
+        "calibration",
+        "constant",
+        "float(sum_square if reduce is None else reduce(sum_square)) / m",
+        "float(sum_square if reduce is None else reduce(sum_square)) / (m - 1)",
+    ),
+    M(
+        "calibration",
+        "constant",
+        "return inside / total if total > 0 else math.nan",
+        "return inside / total if total > 0 else 0.0",
+    ),
+    M(
+        "calibration",
+        "bound",
+        "if alpha is not None and not (0 < alpha <= 2 and",
+        "if alpha is not None and not (0 < alpha < 2 and",
+    ),
+    M(
+        "calibration",
+        "logic",
+        "    bad = int((~torch.isfinite(x)).sum())",
+        "    bad = int(torch.isnan(x).sum())",
+    ),
+    M("calibration", "logic", "return (scale * torch.ones_like(alpha)).clone()", "return scale.clone()"),
+    M(
+        "calibration",
+        "bound",
+        "if not bool(((scale >= 0) & torch.isfinite(scale)).all()):",
+        "if not bool((scale >= 0).all()):",
+    ),
+    M(
+        "calibration",
+        "bound",
+        "or not isinstance(size, int) or size < 1):",
+        "or not isinstance(size, int) or size < 0):",
+    ),
+    M(
+        "calibration",
+        "constant",
+        "var = (total_sq - count * mean.square()) / (count - 1).clamp_min(1)",
+        "var = (total_sq - count * mean.square()) / count.clamp_min(1)",
+    ),
     # ---------------------------------------------------------------- sketch
     M(
         "sketch",
@@ -569,6 +669,25 @@ MUTANTS = [
         "generator=step_generator(s.seed, step),",
         equivalent="another random start vector: no result depends on which stream it comes from",
     ),
+    M(
+        "sketch",
+        "constant",
+        'self.attempted = int(state.get("attempted", self.step))',
+        'self.attempted = int(state.get("attempted", 0))',
+    ),
+    M(
+        "sketch",
+        "logic",
+        "relative = pairs.residuals / pairs.values.abs().clamp(min=1e-30)",
+        "relative = pairs.residuals",
+    ),
+    M(
+        "sketch",
+        "logic",
+        'metrics["curvature/lanczos_converged"] = float(pairs.converged)',
+        'metrics["curvature/lanczos_converged"] = 1.0',
+    ),
+    M("sketch", "logic", "        self.failure = reason\n", "        pass\n"),
     # ---------------------------------------------------------------- schedule (trainer side)
     M(
         "schedule",
