@@ -257,8 +257,9 @@ def test_hf_checkpointing_is_off_in_the_eval_mode_products():
 
 def test_bad_arguments_are_named():
     model, batch, params = mlp_problem()
-    with pytest.raises(ValueError, match="method"):
-        make_hvp(model, batch, params, method="exact")
+    for wrong in ("exact", "fd", "finite-difference", "Autograd"):  # never silently taken for one of the two
+        with pytest.raises(ValueError, match="method"):
+            make_hvp(model, batch, params, method=wrong)
     with pytest.raises(ValueError, match="params"):
         make_hvp(model, batch, [])
     frozen = nn.Parameter(torch.zeros(3), requires_grad=False)
@@ -317,6 +318,9 @@ def test_the_zero_vector_gives_the_zero_product(method):
     hvp = make_hvp(model, batch, params, method=method)
     out = hvp(torch.zeros(sum(p.numel() for p in params), dtype=torch.float64))
     assert torch.equal(out, torch.zeros_like(out))
+    # in the documented dtype, the wider of the vector's and the parameters' (a float32 zero on float64 params)
+    narrow = hvp(torch.zeros(out.numel(), dtype=torch.float32))
+    assert narrow.dtype == torch.promote_types(torch.float32, params[0].dtype) == torch.float64
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

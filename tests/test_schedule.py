@@ -236,6 +236,18 @@ def test_a_resumed_schedule_times_a_step_before_pricing_the_saved_refresh(fake_c
     assert due == [30]
 
 
+def test_a_sketch_whose_refresh_was_never_timed_is_refreshed_at_its_period(fake_clock):
+    # A budget, a sketch from step 10 (restored) but no refresh cost to price a deferral with (the checkpoint
+    # held none): the budget cannot apply, and the period alone decides.
+    schedule = RefreshSchedule(every_n_steps=3, max_overhead=0.5)
+    schedule.load_state_dict(RefreshSchedule(every_n_steps=3).state_dict())
+    due = []
+    for step in range(11, 15):
+        due.append(schedule.due(step, last_refresh=10))
+        fake_clock.now += 2.0
+    assert due == [False, False, True, True]
+
+
 def test_the_refresh_itself_is_not_timed_as_a_training_step(fake_clock):
     # Steps of 1 s around a 20 s refresh: the step after the refresh is timed from the refresh's end, so the wait
     # is ceil(20 / (0.5 x 1)) = 40 steps; counting the refresh into that step (21 s) would wait only 2.
