@@ -307,6 +307,24 @@ MUTANTS = [
         "_CHUNK_NUMEL = 1 << 12",
         equivalent="a performance constant: smaller chunks give the same sums (float64 accumulation), only slower",
     ),
+    M(
+        "krylov_basis",
+        "logic",
+        "    if a_XP.dtype == torch.float64:\n        return a_XP @ b_YP.T",
+        "    if True:\n        return (a_XP @ b_YP.T).double()",
+    ),
+    M(
+        "krylov_basis",
+        "bound",
+        "return max(1, budget // max(rows, 1))",
+        "return max(1, budget // max(rows, 1) - 1)",
+    ),
+    M(
+        "krylov_basis",
+        "logic",
+        "return views + [self.blocks[full][:rest]] if rest else views",
+        "return views",
+    ),
     # ---------------------------------------------------------------- lanczos
     M("lanczos", "constant", "_WARM_START_RANDOM_WEIGHT = 0.03", "_WARM_START_RANDOM_WEIGHT = 0.0"),
     M("lanczos", "constant", "_BREAKDOWN_EPS_POWER = 2.0 / 3.0", "_BREAKDOWN_EPS_POWER = 1.0 / 3.0"),
@@ -469,6 +487,31 @@ MUTANTS = [
     ),
     M("hvp", "logic", "                    shard.copy_(s)\n", "                    pass\n"),
     M("hvp", "constant", "/ count**0.5", "/ count"),
+    M(
+        "hvp",
+        "logic",
+        'if method not in ("autograd", "finite_difference"):',
+        'if method not in ("autograd", "finite_difference", "fd"):',
+    ),
+    M(
+        "hvp",
+        "logic",
+        "return flatten([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)])",
+        "return flatten([g for g in grads if g is not None])",
+    ),
+    M(
+        "hvp",
+        "logic",
+        "            if loss is None:\n                raise",
+        "            if False:\n                raise",
+    ),
+    M(
+        "hvp",
+        "dtype",
+        "return torch.zeros_like(v_P, dtype=torch.promote_types(v_P.dtype, params[0].dtype))",
+        "return torch.zeros_like(v_P)",
+    ),
+    M("hvp", "logic", "if self.loss_fn is not None:", "if self.loss_fn is None and False:"),
     # ---------------------------------------------------------------- params
     M(
         "params",
@@ -725,6 +768,32 @@ MUTANTS = [
         "self.refresh_seconds = None",
     ),
     M("schedule", "logic", "self._step_started = time.perf_counter()\n", ""),
+    M(
+        "schedule",
+        "logic",
+        "if self._step_started is not None and self.max_overhead is not None:",
+        "if self._step_started is not None:",
+        equivalent="steps are then timed without a budget too; only the budget reads the timings, reset at each refresh",
+    ),
+    M(
+        "schedule",
+        "logic",
+        "if self.max_overhead is None or self.refresh_seconds is None or last_refresh is None:",
+        "if self.max_overhead is None or last_refresh is None:",
+    ),
+    M(
+        "schedule",
+        "logic",
+        "self.deferred_to = None if deferred < 0 else int(deferred)",
+        "self.deferred_to = int(deferred)",
+    ),
+    M("schedule", "logic", "        self.total_seconds = total\n", "        pass\n"),
+    M(
+        "schedule",
+        "logic",
+        "STATE_KEYS[2]: torch.tensor(-1 if self.deferred_to is None else self.deferred_to),",
+        "STATE_KEYS[2]: torch.tensor(-1),",
+    ),
     # ---------------------------------------------------------------- run_state
     M(
         "run_state",
