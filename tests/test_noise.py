@@ -104,35 +104,25 @@ def test_step_noise_scales_follow_the_formula_in_each_mode():
     torch.testing.assert_close(relative.coef_K, 0.5 * 3.0 * weights * z, rtol=1e-12, atol=0)
     absolute = step_noise(3.0, values, step_generator(1, 7), levy_scale=0.5, scale_mode="absolute", **common)
     torch.testing.assert_close(absolute.coef_K, 0.5 * weights * z, rtol=1e-12, atol=0)
-    # calibrated: its own scales and α per direction, shrunk by what clipping kept of the gradient (3 of 4)
+    # calibrated: its own scales and α per direction, shrunk by what clipping kept of the gradient (3 of 4);
+    # without a pre-clip norm (no clipping, max_grad_norm=0) nothing shrinks them
     scales, alphas = (
         torch.tensor([0.2, 0.1, 0.3], dtype=torch.float64),
         torch.full((3,), 1.3, dtype=torch.float64),
     )
-    calibrated = step_noise(
-        3.0,
-        values,
-        step_generator(1, 7),
-        levy_scale=2.0,
-        scale_mode="relative",
-        calibrated_scale_K=scales,
-        calibrated_alpha_K=alphas,
-        pre_clip_norm=4.0,
-        **common,
-    )
-    torch.testing.assert_close(calibrated.coef_K, 2.0 * 0.75 * scales * z, rtol=1e-12, atol=0)
-    # no pre-clip norm (no clipping, max_grad_norm=0): nothing shrinks the calibrated noise
-    unclipped = step_noise(
-        3.0,
-        values,
-        step_generator(1, 7),
-        levy_scale=2.0,
-        scale_mode="relative",
-        calibrated_scale_K=scales,
-        calibrated_alpha_K=alphas,
-        **common,
-    )
-    torch.testing.assert_close(unclipped.coef_K, 2.0 * scales * z, rtol=1e-12, atol=0)
+    for pre_clip_norm, shrink in ((4.0, 0.75), (None, 1.0)):
+        calibrated = step_noise(
+            3.0,
+            values,
+            step_generator(1, 7),
+            levy_scale=2.0,
+            scale_mode="relative",
+            calibrated_scale_K=scales,
+            calibrated_alpha_K=alphas,
+            pre_clip_norm=pre_clip_norm,
+            **common,
+        )
+        torch.testing.assert_close(calibrated.coef_K, 2.0 * shrink * scales * z, rtol=1e-12, atol=0)
     capped = step_noise(
         3.0,
         values,
