@@ -68,4 +68,3 @@ def test_sft_trainer_with_the_callback_gets_noise_and_logs_curvature(tmp_path):
         for p, q in zip(trainer.model.parameters(), plain.model.parameters(), strict=True)
     ]
     assert all(moved), "every parameter differs from the noise-free SFT run"
-
