@@ -144,3 +144,17 @@ def test_on_save_finds_the_checkpoint_only_where_the_trainer_wrote_it(tmp_path):
     assert checkpoint_folder(args, state) is None
     (tmp_path / "checkpoint-5").mkdir()
     assert checkpoint_folder(args, state) == str(tmp_path / "checkpoint-5")
+
+
+def test_attach_writes_the_sketch_into_a_trial_checkpoint_next_to_the_trainers_files(tmp_path):
+    # A hyperparameter-search trial saves into a folder of its own (Trainer._get_output_dir(trial)): the sketch
+    # file must land in that checkpoint, beside the Trainer's files, not in output_dir.
+    trainer, levy = plain_trainer(tmp_path / "out", max_steps=3, save_strategy="steps", save_steps=3)
+    levy.attach(trainer)
+    trial_dir = tmp_path / "trial-7"
+    trainer._get_output_dir = lambda trial: str(trial_dir)
+    trainer.train()
+    checkpoint = trial_dir / "checkpoint-3"
+    assert (checkpoint / "trainer_state.json").is_file()
+    assert (checkpoint / "levy_state.safetensors").is_file()
+    assert not (tmp_path / "out" / "checkpoint-3").exists()

@@ -101,6 +101,35 @@ def test_same_seed_is_deterministic_and_another_seed_differs():
     assert other[0]["alpha"] != profile(2.0)[0]["alpha"]
 
 
+
+def test_a_gradient_every_example_shares_cancels_out_of_the_noise():
+    # Away from w* every example's gradient gains the same term (the features are shared), so the noise,
+    # a mini-batch gradient minus the full-data reference, and every estimate are those at w* (to rounding).
+    model, dataset, q = two_directions(1.5)
+    settings = {"num_batches": 64, "bootstrap": 0, "progress": False, "vectors_PK": q}
+    at_optimum = tail_index_profile(model, dataset, collate, [model.w], BATCH_SIZES, **settings)
+    with torch.no_grad():
+        model.w.add_(0.5)
+    away = tail_index_profile(model, dataset, collate, [model.w], BATCH_SIZES, **settings)
+    for here, there in zip(at_optimum, away, strict=True):
+        for key in ("alpha", "scale"):
+            assert there[key] == pytest.approx(here[key], rel=1e-6), (key, here, there)
+
+
+def test_the_intervals_are_the_central_95_percent_of_the_bootstrap_estimates(monkeypatch):
+    # The tail-index estimator replaced by a counter: the point estimate reads 0, the 200 bootstrap
+    # resamples read 1..200, so a 95% percentile interval is about [5, 196] whatever the quantile rule.
+    import hf_levy.diagnostics as diagnostics
+
+    calls = iter(range(10_000))
+    monkeypatch.setattr(diagnostics, "estimate_tail_index", lambda x: float(next(calls)))
+    model, dataset, _ = two_directions(2.0)
+    (row,) = tail_index_profile(
+        model, dataset, collate, [model.w], [4], num_batches=32, bootstrap=200, progress=False
+    )
+    assert row["alpha"] == 0.0
+    assert 4 <= row["alpha_low"] <= 6 and 195 <= row["alpha_high"] <= 197, row
+
 def test_global_rng_model_mode_and_grad_are_untouched():
     model, dataset, q = two_directions(1.5)
     model.train()

@@ -130,3 +130,11 @@ def test_saved_tensors_keep_their_dtypes(tmp_path):
     _, saved = load_levy_state(str(tmp_path), rank=0)
     assert saved["values"].dtype == torch.float64 and saved["values"].item() == 1.0 + 1e-12
     assert saved["step"].dtype == torch.int64
+
+
+def test_a_transposed_view_is_saved_as_its_values(tmp_path):
+    # save_levy_state takes any tensors (safetensors itself refuses views that are not contiguous).
+    matrix = torch.arange(6.0).view(2, 3)
+    save_levy_state(str(tmp_path), {"vectors_KP": matrix.T}, {}, sharded=False, rank=0)
+    _, saved = load_levy_state(str(tmp_path), rank=0)
+    assert torch.equal(saved["vectors_KP"], torch.tensor([[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]))

@@ -179,6 +179,31 @@ def test_the_isotropic_ablation_has_the_hessian_noise_norm_spread_over_all_coord
     assert outside > 0.5 * xi.norm().item()  # 6 of 8 coordinates lie outside the 2 eigenvectors
 
 
+
+def test_the_isotropic_ablation_clips_its_own_draws_at_levy_clip():
+    # Cauchy draws clipped at 0.5: most of the 8 coordinates are cut, so ξ has the direction of the clipped draws
+    # of the isotropic stream of (seed, step), at the norm of the step's Hessian noise.
+    levy = LevyArguments(
+        sketch_batch_size=4,
+        num_eigenpairs=2,
+        levy_noise_basis="isotropic",
+        levy_alpha=1.0,
+        levy_clip=0.5,
+        levy_max_noise_ratio=None,
+        levy_seed=5,
+    )
+    run = sketched_run(levy)
+    before = flat_grad(run)
+    assert add_step_noise(run, levy, 9)
+    xi = flat_grad(run) - before
+    z = sample_symmetric_stable(
+        (8,), 1.0, generator=step_generator(run.seed + rng.ISOTROPIC, 9), dtype=torch.float32
+    ).double()
+    assert (z.abs() > 0.5).sum() >= 4  # the clip binds on most coordinates
+    clipped = z.clamp(-0.5, 0.5)
+    norm = documented_coefficients(run, levy, 9, before.norm().item()).norm().item()
+    torch.testing.assert_close(xi, clipped * (norm / clipped.norm()), rtol=1e-5, atol=1e-7)
+
 def test_calibrated_noise_uses_its_own_scales_and_alphas_shrunk_by_the_clipping():
     levy = LevyArguments(sketch_batch_size=4, num_eigenpairs=2, levy_scale=2.0, levy_seed=4)
     run = sketched_run(levy)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from trainer_utils import run_levy
 
 from hf_levy.progress import counted, sketch_progress
@@ -27,3 +28,16 @@ def test_a_hidden_bar_leaves_the_product_untouched(capsys):
     with sketch_progress(False, 8, step=0) as bar:
         assert bar is None and counted(matvec, bar) is matvec
     assert capsys.readouterr().err == ""
+
+
+def test_a_shown_bar_counts_one_per_product_and_passes_the_product_through(capsys):
+    def matvec(v):
+        return 2 * v
+
+    with sketch_progress(True, 5, step=3) as bar:
+        product = counted(matvec, bar)
+        outs = [product(torch.full((2,), float(i))) for i in range(3)]
+        assert bar.n == 3 and bar.total == 5
+    for i, out in enumerate(outs):
+        assert torch.equal(out, torch.full((2,), 2.0 * i))
+    assert "Hessian sketch at step 3" in capsys.readouterr().err

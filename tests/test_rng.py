@@ -56,3 +56,13 @@ def test_drawing_from_a_stream_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
     torch.randn(5, generator=step_generator(1, 2))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_seeds_that_differ_only_in_their_high_bits_get_their_own_streams():
+    # Seeds are 32-bit here (a seed and seed + 2**32 share a stream); below that every bit counts. Stage offsets
+    # and user seeds (e.g. a timestamp) differ in high bits too.
+    firsts = {
+        torch.rand(1, generator=step_generator(seed, 0), dtype=torch.float64).item()
+        for seed in [7 + 2**bit for bit in range(31)] + [7]
+    }
+    assert len(firsts) == 32

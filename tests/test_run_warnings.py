@@ -53,3 +53,33 @@ def test_num_eigenpairs_above_the_trainable_parameters_is_lowered_with_a_warning
     with caplog.at_level(logging.WARNING):
         start_run(LevyArguments(sketch_batch_size=4, num_eigenpairs=8), _args(), model, _loader())
     assert not [r for r in caplog.records if "num_eigenpairs" in r.getMessage()]
+
+
+def test_the_cap_warning_counts_the_whole_run_and_needs_more_than_half_of_its_steps(caplog):
+    from hf_levy.noise import NoiseDraw
+    from hf_levy.run_warnings import warn_if_mostly_capped
+
+    levy = LevyArguments(sketch_batch_size=4, num_eigenpairs=2, levy_max_noise_ratio=2.0)
+    coef = torch.zeros(2, dtype=torch.float64)
+
+    def steps(run, capped_flags):
+        for capped in capped_flags:
+            for tally in (run.noise_window, run.noise_total):
+                tally.add(NoiseDraw(coef, 0, capped), 1.0, 1.0)
+
+    def warnings_after(run):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_levy.callback"):
+            warn_if_mostly_capped(run, levy)
+        return [r.getMessage() for r in caplog.records if "hit the cap" in r.getMessage()]
+
+    half = start_run(levy, _args(), torch.nn.Linear(3, 2), _loader())
+    steps(half, [True, False, True, False])
+    assert warnings_after(half) == []  # exactly half: not more than half
+    run = start_run(levy, _args(), torch.nn.Linear(3, 2), _loader())
+    steps(run, [True, True, True])
+    run.log_metrics(summary=False, alpha=1.5)  # a log: the window starts afresh, the run's count goes on
+    steps(run, [False, False])
+    [message] = warnings_after(run)
+    assert "levy_max_noise_ratio=2 x ||g|| on 3 of 5 steps (60%)" in message
+    assert warnings_after(run) == []  # once per run

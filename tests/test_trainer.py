@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_callback_wiring import Recorder
-from trainer_utils import SKETCH, flat_params, model, run_levy, run_stock, token_dataset
+from trainer_utils import COMMON, SKETCH, flat_params, model, run_levy, run_stock, token_dataset
 from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
 import hf_levy.calibration
@@ -511,3 +511,29 @@ def test_a_discarded_refresh_is_not_calibrated_and_the_last_calibration_stays(tm
     run = trainer.levy_callback.run
     assert run.failed_refreshes == 1 and run.sketch.step == 0
     assert calls == [0]
+
+
+def test_a_compute_loss_func_is_the_loss_the_sketch_differentiates(tmp_path):
+    # The Trainer's compute_loss_func (the model's own loss, tripled) defines the curvature: H triples, and so
+    # does every Ritz value of the same Lanczos run (same start, same sketch batch at step 0).
+    def tripled(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits[:, :-1].float()
+        return 3 * torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+        )
+
+    settings = dict(max_steps=1, logging_steps=1, levy_scale=0.0)
+    plain = run_levy(tmp_path, name="plain", **settings)
+    args = LevyConfig(output_dir=str(tmp_path / "custom"), **{**COMMON, **SKETCH, **settings})
+    custom = LevyTrainer(
+        model=model(),
+        args=args,
+        train_dataset=token_dataset(),
+        data_collator=default_data_collator,
+        compute_loss_func=tripled,
+    )
+    custom.train()
+    for i in range(SKETCH["num_eigenpairs"]):
+        key = f"curvature/eigenvalue_{i}"
+        expected = 3 * plain.state.log_history[0][key]
+        assert custom.state.log_history[0][key] == pytest.approx(expected, rel=1e-4), key
