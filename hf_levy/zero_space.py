@@ -205,7 +205,7 @@ def clip_zero_grads(space: ZeroSpace, max_norm: float) -> float:
     non-finite norm (fp16 overflow: DeepSpeed skips the step) leaves g as it is."""
     norm = space.grad_norm()
     if max_norm > 0 and math.isfinite(norm):
-        factor = max(1.0, (norm + 1e-6) / max_norm)
+        factor = (norm + 1e-6) / max_norm
         if factor > 1.0:
             space.scale_grads(1.0 / factor)
     return norm

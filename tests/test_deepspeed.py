@@ -24,7 +24,7 @@ CONVERGED = ("--lanczos_num_iters", "48", "--lanczos_tol", "1e-6")
 def zero_runs(folder: pathlib.Path, stage: int) -> dict:
     """One launch at ZeRO ``stage``: the noisy run (saving at step 3), levy_scale 0, the stock Trainer, the
     noisy run resumed from its step-3 checkpoint, the noisy run with ZeRO's CPU offload, and at stage 2 the
-    noisy run with finite-difference products."""
+    noisy run with finite-difference products, at stage 3 a model whose ranks' pieces differ in length."""
     common = ("--zero_stage", str(stage), "--max_grad_norm", str(CLIP), *CONVERGED)
     plan = {
         "noisy": ("--save_steps", "3"),
@@ -35,6 +35,8 @@ def zero_runs(folder: pathlib.Path, stage: int) -> dict:
     }
     if stage == 2:
         plan["finite_difference"] = ("--hvp_method", "finite_difference")  # stage 3's products
+    if stage == 3:
+        plan["uneven"] = ("--odd_bias",)  # a parameter of odd size: the ranks' pieces differ in length
     results = torchrun_many(
         [(folder / name, (*common, *flags)) for name, flags in plan.items()], env={"DS_ACCELERATOR": "cpu"}
     )
@@ -132,3 +134,13 @@ def test_offloading_to_the_cpu_gives_the_same_run(runs):
     for off, on in zip(runs["offloaded"], runs["noisy"], strict=True):
         assert off["noise_draws"] == 6
         torch.testing.assert_close(off["params"], on["params"], rtol=1e-5, atol=1e-6)
+
+
+def test_pieces_of_unequal_length_are_padded_to_the_longest(runs):
+    if runs["stage"] != 3:
+        pytest.skip("stage 3 splits each parameter; stages 1 and 2 pad their partitions to equal length")
+    ranks = runs["uneven"]
+    assert [r["local_numel"] for r in ranks] == [ranks[1]["local_numel"] + 1, ranks[1]["local_numel"]]
+    assert [r["dim"] for r in ranks] == [ranks[0]["local_numel"]] * 2
+    assert [r["noise_draws"] for r in ranks] == [6, 6]
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])

@@ -168,4 +168,31 @@ def test_eigenvectors_are_oriented_so_that_their_entries_sum_above_zero(one_proc
     space, _ = space_of()
     vectors = torch.tensor([[1.0, 3.0], [-2.0, 0.0], [-1.0, -1.0], [0.5, 0.0], [0.0, -1.0]])
     oriented = space.orient_(vectors.clone())
-    assert oriented.tolist() == [[-1.0, 3.0], [2.0, 0.0], [1.0, -1.0], [-0.5, 0.0], [0.0, -1.0]]  # sums -1.5, 1
+    assert oriented.tolist() == [
+        [-1.0, 3.0],
+        [2.0, 0.0],
+        [1.0, -1.0],
+        [-0.5, 0.0],
+        [0.0, -1.0],
+    ]  # sums -1.5, 1
+
+
+class DeepSpeedZeroOptimizer_Stage3(DeepSpeedZeroOptimizer):  # noqa: N801 (DeepSpeed's name)
+    """Named like DeepSpeed's stage-3 optimizer."""
+
+
+def test_stage_3_gradients_handed_out_as_copies_are_written_back(one_process, monkeypatch):
+    # With offload on a GPU, DeepSpeed's safe_get_local_grad hands out a device copy of the host partition:
+    # changes reach the optimizer only through safe_set_local_grad.
+    deepspeed_utils = pytest.importorskip("deepspeed.utils")
+    stored = {0: torch.tensor([3.0, 4.0, 0.0]), 1: torch.tensor([12.0, 0.0, 0.0])}  # last piece padded
+    monkeypatch.setattr(deepspeed_utils, "safe_get_local_grad", lambda p: stored[p.ds_id].clone())
+    monkeypatch.setattr(deepspeed_utils, "safe_set_local_grad", lambda p, v: stored[p.ds_id].copy_(v))
+    params = [SimpleNamespace(ds_id=i, ds_tensor=torch.zeros(3), ds_numel=n) for i, n in ((0, 3), (1, 2))]
+    space = ZeroSpace(params, DeepSpeedZeroOptimizer_Stage3())
+    assert (space.stage, space.ranges, space.exact_products) == (3, [(0, 3), (0, 2)], False)
+    assert space.grad_norm() == pytest.approx(13.0)
+    space.scale_grads(0.5)
+    space.add_to_grads(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0]))
+    assert stored[0].tolist() == [2.5, 3.0, 1.0]
+    assert stored[1].tolist() == [7.0, 1.0, 0.0]  # the padding stays zero

@@ -17,6 +17,7 @@ import types
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from conftest import tiny_llama  # noqa: E402
 from trainer_utils import COMMON, SKETCH, model, token_dataset  # noqa: E402
 from transformers import (  # noqa: E402
     Trainer,
@@ -49,6 +50,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--stock", action="store_true", help="transformers.Trainer, no hf_levy")
     parser.add_argument(
         "--offload", action="store_true", help="ZeRO offload of optimizer (and stage-3 params)"
+    )
+    parser.add_argument(
+        "--odd_bias", action="store_true", help="vocabulary 33 and an lm_head bias: a parameter of odd size"
     )
     parser.add_argument("--hvp_method", default="auto")
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
@@ -89,7 +93,7 @@ def main(argv: list[str]) -> None:
             **fields,
         )
     trainer = (Trainer if cli.stock else LevyTrainer)(
-        model=model(),
+        model=_model_with_odd_bias() if cli.odd_bias else model(),
         args=args,
         train_dataset=token_dataset(),
         data_collator=default_data_collator,
@@ -125,6 +129,14 @@ def zero_config(stage: int, offload: bool = False) -> dict:
     }
 
 
+def _model_with_odd_bias() -> torch.nn.Module:
+    """The tiny Llama with a 33-token vocabulary (one unused) and a trainable lm_head bias of 33 entries,
+    which ZeRO-3 splits 17 / 16 between two ranks: pieces of unequal length."""
+    llama = tiny_llama(vocab_size=33, hidden_size=16, layers=2)
+    llama.lm_head.bias = torch.nn.Parameter(torch.zeros(33))
+    return llama
+
+
 def _full_params(model: torch.nn.Module) -> torch.Tensor:
     """The flat parameters; under ZeRO-3 gathered from the ranks' pieces first."""
     params = list(model.parameters())
@@ -155,6 +167,7 @@ def _levy_outputs(trainer: LevyTrainer, refreshed: list[int]) -> dict:
     space = trainer.levy_callback.run.space
     return {
         "dim": space.dim,
+        "local_numel": space.local_numel,
         "full_dim": getattr(space, "full_dim", space.dim),
         "values": sketch.values_K,
         "vectors": sketch.vectors_PK,
