@@ -101,7 +101,6 @@ def test_same_seed_is_deterministic_and_another_seed_differs():
     assert other[0]["alpha"] != profile(2.0)[0]["alpha"]
 
 
-
 def test_a_gradient_every_example_shares_cancels_out_of_the_noise():
     # Away from w* every example's gradient gains the same term (the features are shared), so the noise,
     # a mini-batch gradient minus the full-data reference, and every estimate are those at w* (to rounding).
@@ -129,6 +128,7 @@ def test_the_intervals_are_the_central_95_percent_of_the_bootstrap_estimates(mon
     )
     assert row["alpha"] == 0.0
     assert 4 <= row["alpha_low"] <= 6 and 195 <= row["alpha_high"] <= 197, row
+
 
 def test_global_rng_model_mode_and_grad_are_untouched():
     model, dataset, q = two_directions(1.5)

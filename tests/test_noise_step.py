@@ -179,7 +179,6 @@ def test_the_isotropic_ablation_has_the_hessian_noise_norm_spread_over_all_coord
     assert outside > 0.5 * xi.norm().item()  # 6 of 8 coordinates lie outside the 2 eigenvectors
 
 
-
 def test_the_isotropic_ablation_clips_its_own_draws_at_levy_clip():
     # Cauchy draws clipped at 0.5: most of the 8 coordinates are cut, so ξ has the direction of the clipped draws
     # of the isotropic stream of (seed, step), at the norm of the step's Hessian noise.
@@ -203,6 +202,7 @@ def test_the_isotropic_ablation_clips_its_own_draws_at_levy_clip():
     clipped = z.clamp(-0.5, 0.5)
     norm = documented_coefficients(run, levy, 9, before.norm().item()).norm().item()
     torch.testing.assert_close(xi, clipped * (norm / clipped.norm()), rtol=1e-5, atol=1e-7)
+
 
 def test_calibrated_noise_uses_its_own_scales_and_alphas_shrunk_by_the_clipping():
     levy = LevyArguments(sketch_batch_size=4, num_eigenpairs=2, levy_scale=2.0, levy_seed=4)

@@ -179,3 +179,83 @@ def test_isotropic_noise_is_the_isotropic_stream_of_the_step_rescaled_to_the_nor
     want = isotropic_noise(8, 2.5, 1.5, step_generator(run.seed + rng.ISOTROPIC, 6), clip=10.0)
     assert torch.equal(xi, want.to(run.sketch.vectors_PK.dtype))
     assert xi.double().norm().item() == pytest.approx(2.5, rel=1e-6)
+
+
+def test_a_saved_calibration_with_a_zero_scale_is_restored_and_a_negative_one_refused():
+    # A direction whose micro-batch projections do not vary calibrates to scale 0: a valid state to resume from.
+    from hf_levy import LevyArguments
+    from hf_levy.calibration import DirectionalNoise
+    from hf_levy.run_state import start_run
+
+    levy = LevyArguments(sketch_batch_size=4, num_eigenpairs=2, lanczos_num_iters=4)
+    run = start_run(levy, _args(), torch.nn.Linear(3, 2), _loader())
+    with run.schedule.refreshing():
+        run.sketch.refresh(lambda v: torch.arange(1.0, 9.0).to(v) * v, run.space.dim, step=2)
+    run.calibration = DirectionalNoise(torch.tensor([2.0, 1.4]), torch.tensor([0.0, 0.3]))
+    restored = start_run(levy, _args(), torch.nn.Linear(3, 2), _loader())
+    restored.load_state_dict(run.state_dict())
+    assert restored.calibration.scale_K.tolist() == [0.0, pytest.approx(0.3)]
+    state = {**run.state_dict(), "calibrated_scale": torch.tensor([-0.1, 0.3])}
+    with pytest.raises(ValueError, match="negative calibrated scale"):
+        restored.load_state_dict(state, source="ckpt/levy_state.safetensors")
+
+
+def test_a_refresh_calibrates_on_the_micro_batches_of_its_step_and_logs_alpha_and_scale_by_direction():
+    # Least squares at w*: a micro-batch's gradient along v is −(1/b) Σ_j Σ_k ε_jk s_k (q_k·v) (tests/least_squares.py),
+    # its indices the calibration stream's draw at (seed, step); the fit of that table is what the run injects.
+    from types import SimpleNamespace
+
+    from least_squares import LeastSquares, features, optimum, orthonormal_directions
+
+    from hf_levy import LevyArguments, rng
+    from hf_levy.calibration import fit_directional_noise, injected_scale
+    from hf_levy.rng import step_generator
+    from hf_levy.run_state import start_run
+
+    n, dim, b, m, big_b = 200, 4, 4, 40, 64
+    q, s_k = orthonormal_directions(dim, 2), torch.tensor([1.0, 3.0], dtype=torch.float64)
+    eps = torch.randn(n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = features(s_k, q)
+    dataset = [{"features": x, "targets": x @ optimum(dim) + e} for e in eps]
+    collate = lambda rows: {key: torch.stack([r[key] for r in rows]) for key in rows[0]}  # noqa: E731
+    loader = SimpleNamespace(dataset=dataset, collate_fn=collate, total_batch_size=big_b)
+    levy = LevyArguments(
+        sketch_batch_size=4,
+        num_eigenpairs=2,
+        lanczos_num_iters=4,
+        levy_virtual_batch_size=b,
+        calibration_num_microbatches=m,
+        levy_seed=9,
+    )
+    run = start_run(levy, _args(), LeastSquares(optimum(dim)), loader)
+    hessian = (q * s_k**2) @ q.T + 0.1 * torch.eye(dim, dtype=torch.float64)
+    run.sketch.refresh(lambda v: hessian.to(v) @ v, dim, step=3)
+    metrics = run.calibrate(levy, step=3)
+    indices = torch.randint(n, (m, b), generator=step_generator(9 + rng.CALIBRATION, 3))
+    table = -((eps[indices] * s_k).sum(1) / b) @ (q.T @ run.sketch.vectors_PK.double())  # (M, K)
+    fit = fit_directional_noise(table)
+    scale = injected_scale(fit.scale_K, fit.alpha_K, b, big_b)
+    torch.testing.assert_close(run.calibration.alpha_K, fit.alpha_K, rtol=1e-9, atol=0)
+    torch.testing.assert_close(run.calibration.scale_K, scale, rtol=1e-9, atol=0)
+    for i in range(2):
+        assert metrics[f"levy/fitted_alpha_{i}"] == pytest.approx(fit.alpha_K[i].item(), rel=1e-9)
+        assert metrics[f"levy/calibrated_scale_{i}"] == pytest.approx(scale[i].item(), rel=1e-9)
+
+
+def test_loading_a_state_leaves_the_given_dict_as_it_was():
+    # No hidden side effects: the same saved state can be installed into two runs.
+    from hf_levy import LevyArguments
+    from hf_levy.calibration import DirectionalNoise
+    from hf_levy.run_state import start_run
+
+    levy = LevyArguments(sketch_batch_size=4, num_eigenpairs=2, lanczos_num_iters=4)
+    run = start_run(levy, _args(), torch.nn.Linear(3, 2), _loader())
+    with run.schedule.refreshing():
+        run.sketch.refresh(lambda v: torch.arange(1.0, 9.0).to(v) * v, run.space.dim, step=2)
+    run.calibration = DirectionalNoise(torch.tensor([1.5, 1.4]), torch.tensor([0.2, 0.3]))
+    state = run.state_dict()
+    keys = sorted(state)
+    for _ in range(2):
+        restored = start_run(levy, _args(), torch.nn.Linear(3, 2), _loader())
+        restored.load_state_dict(state)
+        assert sorted(state) == keys and torch.equal(restored.calibration.scale_K, run.calibration.scale_K)
