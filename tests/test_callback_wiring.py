@@ -158,3 +158,28 @@ def test_attach_writes_the_sketch_into_a_trial_checkpoint_next_to_the_trainers_f
     assert (checkpoint / "trainer_state.json").is_file()
     assert (checkpoint / "levy_state.safetensors").is_file()
     assert not (tmp_path / "out" / "checkpoint-3").exists()
+
+
+def test_a_second_train_call_starts_afresh_without_the_resumed_sketch(tmp_path):
+    full, _ = plain_trainer(
+        tmp_path / "full", levy=levy_callback(every=4), save_strategy="steps", save_steps=3
+    )
+    full.train()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    resumed, levy = plain_trainer(tmp_path / "resumed", levy=levy_callback(every=4))
+    resumed.train(resume_from_checkpoint=True)
+    assert levy.run.sketch.step == 4  # the saved step-0 sketch held until its period ended
+    resumed.train()  # a new run from step 0: nothing of the resumed one carries over
+    first = next(h for h in resumed.state.log_history if "loss" in h)
+    assert first["step"] == 2 and "curvature/eigenvalue_0" in first  # its own sketch of step 0
+
+
+def test_a_trial_checkpoint_the_callback_cannot_see_is_warned_about_once(tmp_path, caplog):
+    # Not attached: on_save cannot find a hyperparameter trial's checkpoints; two saves, one warning.
+    trainer, _ = plain_trainer(tmp_path / "out", max_steps=4, save_strategy="steps", save_steps=2)
+    trainer._get_output_dir = lambda trial: str(tmp_path / "trial-3")
+    with caplog.at_level(logging.WARNING, logger="hf_levy.callback"):
+        trainer.train()
+    assert (tmp_path / "trial-3" / "checkpoint-4").is_dir()
+    warned = [r.getMessage() for r in caplog.records if "cannot save the sketch" in r.getMessage()]
+    assert len(warned) == 1 and "checkpoint of step 2" in warned[0]

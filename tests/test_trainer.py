@@ -537,3 +537,26 @@ def test_a_compute_loss_func_is_the_loss_the_sketch_differentiates(tmp_path):
         key = f"curvature/eigenvalue_{i}"
         expected = 3 * plain.state.log_history[0][key]
         assert custom.state.log_history[0][key] == pytest.approx(expected, rel=1e-4), key
+
+
+def test_each_refresh_differentiates_the_sketch_batch_drawn_for_its_step(tmp_path):
+    # The documented draw: examples randperm(n)[:sketch_batch_size] of the generator of (seed + SKETCH_BATCH, step).
+    from test_callback_wiring import plain_trainer
+
+    from hf_levy import LevyArguments, LevyCallback, rng
+
+    seen = {}
+
+    def recording_loss(model, batch):
+        seen.setdefault(trainer.state.global_step, batch["input_ids"].clone())
+        return model(**batch).loss
+
+    levy = LevyCallback(LevyArguments(**SKETCH, levy_scale=0.5, levy_seed=4), loss_fn=recording_loss)
+    trainer, _ = plain_trainer(tmp_path / "batches", levy=levy, max_steps=4)
+    trainer.train()
+    ids = torch.tensor(token_dataset()["input_ids"])
+    assert sorted(seen) == [0, 3]  # refreshes every 3 steps
+    for step, batch in seen.items():
+        generator = step_generator(4 + rng.SKETCH_BATCH, step)
+        drawn = torch.randperm(len(ids), generator=generator)[: SKETCH["sketch_batch_size"]]
+        assert torch.equal(batch, ids[drawn]), step
