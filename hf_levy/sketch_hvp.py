@@ -49,13 +49,14 @@ def sketch_matvec(
 ) -> Callable[[Tensor], Tensor]:
     """v_P ↦ (H v)_P on the sketch batch as this rank sees it (see the module docstring)."""
     if isinstance(space, ZeroSpace):
+        share = _batch_share(batch, space)
         return zero_matvec(
             model,
             batch,
             space,
             method,
-            lambda: _rank_averaged(_product(model, batch, params, method, loss_fn), batch, space),
-            _batch_share(batch, space),
+            lambda: _rank_averaged(_product(model, batch, params, method, loss_fn), share, space),
+            share,
             loss_fn,
         )
     hvp = _product(model, batch, params, method, loss_fn)
@@ -63,7 +64,7 @@ def sketch_matvec(
         return lambda v_P: space.pad(hvp(space.unpad(v_P)))
     if rank_and_world()[1] == 1:
         return hvp
-    return _rank_averaged(hvp, batch, space)
+    return _rank_averaged(hvp, _batch_share(batch, space), space)
 
 
 def _product(
@@ -94,9 +95,9 @@ def _batch_share(batch: Mapping[str, Any], space: ParameterSpace) -> float:
     return share / float(sum_over_ranks(torch.tensor(share, dtype=torch.float64, device=space.device)))
 
 
-def _rank_averaged(hvp: Callable[[Tensor], Tensor], batch: Mapping[str, Any], space: ParameterSpace):
-    """The ranks' products on replicated parameters, averaged by their shares of the batch (one all-reduce)."""
-    weight = _batch_share(batch, space)
+def _rank_averaged(hvp: Callable[[Tensor], Tensor], weight: float, space: ParameterSpace):
+    """The ranks' products on replicated parameters, each weighted by its share of the batch, summed (one
+    all-reduce)."""
     return lambda v_P: sum_over_ranks(hvp(v_P.to(space.device)) * weight).to(v_P.device)
 
 
