@@ -37,10 +37,10 @@ from hf_levy.callback_wiring import checkpoint_folder, install_first, move_to_fr
 from hf_levy.config import LevyArguments
 from hf_levy.hvp import DoubleBackwardError, LossFn
 from hf_levy.levy_state import load_levy_state, save_levy_state
-from hf_levy.noise_step import add_step_noise
+from hf_levy.noise_step import add_minibatch_noise, add_step_noise
 from hf_levy.params import rank_and_world
 from hf_levy.progress import counted, sketch_progress
-from hf_levy.run_state import LevyRun, start_run
+from hf_levy.run_state import MINIBATCH_BASES, LevyRun, start_run
 from hf_levy.run_warnings import warn_if_mostly_capped, warn_if_sketch_failed, warn_if_unconverged
 from hf_levy.sketch import SketchDiscardedWarning
 from hf_levy.sketch_hvp import sketch_batch, sketch_matvec
@@ -98,6 +98,11 @@ class LevyCallback(TrainerCallback):
         self.save_state(checkpoint_dir, args)
         self._saved_step = step
 
+    def _step_batches(self, batches: list[Any]) -> None:
+        """attach's hook when the Trainer has drawn an optimizer step's micro-batches ('minibatch' bases)."""
+        if self.run is not None and self.levy.levy_noise_basis in MINIBATCH_BASES:
+            self.run.step_batches = list(batches)
+
     def _clipped(self, pre_clip_norm: Any) -> None:
         """attach's hook after max_grad_norm clipping: the norm before it (calibration needs it)."""
         self._pre_clip_norm = pre_clip_norm
@@ -123,7 +128,7 @@ class LevyCallback(TrainerCallback):
             return
         self._resumed_from = checkpoint_dir
         self._pending_state = load_levy_state(checkpoint_dir, rank=rank_and_world()[0])
-        if self._pending_state is None:
+        if self._pending_state is None and self.levy.levy_noise_basis != "minibatch":
             logger.warning(
                 "%s has no hf_levy state: the Hessian sketch is recomputed at the next step", checkpoint_dir
             )
@@ -151,6 +156,13 @@ class LevyCallback(TrainerCallback):
         self, args, state, control, model=None, train_dataloader=None, optimizer=None, **kwargs
     ):
         self._to_front()  # again: add_callback appends after the Trainer's construction
+        subbatch = self.levy.levy_noise_basis in MINIBATCH_BASES
+        if subbatch and not self._attached:
+            raise ValueError(
+                f"levy_noise_basis={self.levy.levy_noise_basis!r} draws its sub-batch from each optimizer "
+                "step's batch, which the Trainer hands to no callback: use hf_levy.LevyTrainer or "
+                "LevyCallback(...).attach(trainer) instead of callbacks=[...] or add_callback"
+            )
         if self.levy.levy_virtual_batch_size is not None and not self._attached and args.max_grad_norm:
             raise ValueError(
                 "levy_virtual_batch_size (calibration) needs the gradient norm before max_grad_norm "
@@ -201,6 +213,8 @@ class LevyCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         run = self.run
         step = state.global_step
+        if self.levy.levy_noise_basis == "minibatch":  # nothing reads the eigenvectors
+            return
         if not run.schedule.due(step, run.sketch.attempted):  # a discarded refresh waits a period too
             return
         previous = run.sketch.step
@@ -218,7 +232,8 @@ class LevyCallback(TrainerCallback):
                 # the broadcast makes that a guarantee: replicas whose noise differed would drift apart.
                 run.space.broadcast_(run.sketch.vectors_PK)
                 run.space.broadcast_(run.sketch.values_K)
-            if not failed and self.levy.levy_virtual_batch_size is not None:
+            calibrated = self.levy.levy_noise_basis not in MINIBATCH_BASES  # those read b' in κ instead
+            if not failed and calibrated and self.levy.levy_virtual_batch_size is not None:
                 run.sketch_metrics.update(self.calibrate(step))
         if failed:
             run.failed_refreshes += 1
@@ -229,16 +244,24 @@ class LevyCallback(TrainerCallback):
         run.sketch_metrics["curvature/sketch_seconds"] = run.schedule.refresh_seconds
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.levy.levy_scale == 0 or not self.run.sketch.ready or isinstance(self.run.space, ZeroSpace):
+        run, basis = self.run, self.levy.levy_noise_basis
+        if self.levy.levy_scale == 0 or isinstance(run.space, ZeroSpace):
+            run.step_batches = []
             return
-        self.add_noise(state.global_step)
+        if basis == "minibatch" or (basis == "minibatch_topk" and run.sketch.ready):
+            if add_minibatch_noise(run, self.levy, state.global_step, self._pre_clip_norm, self.loss_fn):
+                self.noise_draws += 1
+        elif run.sketch.ready and basis not in MINIBATCH_BASES:
+            self.add_noise(state.global_step)
+        run.step_batches = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not ("loss" in logs or "train_runtime" in logs):  # training logs and the summary
             return
         run = self.run
         warn_if_mostly_capped(run, self.levy)
-        metrics = run.log_metrics(summary="loss" not in logs, alpha=self.levy.levy_alpha)
+        alpha = None if self.levy.levy_noise_basis in MINIBATCH_BASES else self.levy.levy_alpha
+        metrics = run.log_metrics(summary="loss" not in logs, alpha=alpha)
         logs.update(metrics)
         # The Trainer appended this entry before calling on_log: copy the metrics into it (saved logs see them).
         if state.log_history and state.log_history[-1].get("step") == state.global_step:

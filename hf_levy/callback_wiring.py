@@ -24,9 +24,10 @@ TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer's state in each checkpo
 
 def install_first(callback: Any, trainer: Any) -> None:
     """``LevyCallback.attach``: put ``callback`` first in ``trainer``'s list (once, even if it was passed in
-    ``callbacks=[...]`` too) and wrap three private Trainer methods no public event replaces: the checkpoint
-    save (the sketch file goes in before the Trainer's own files, so a Hub push of the folder includes it),
-    the checkpoint load (the exact folder resumed from) and the gradient clipping (the pre-clip norm)."""
+    ``callbacks=[...]`` too) and wrap four Trainer methods no public event replaces: the checkpoint save (the
+    sketch file goes in before the Trainer's own files, so a Hub push of the folder includes it), the
+    checkpoint load (the exact folder resumed from), the gradient clipping (the pre-clip norm) and the
+    drawing of an optimizer step's micro-batches (the sub-batch of the 'minibatch' noise bases)."""
     callbacks = trainer.callback_handler.callbacks
     if any(c is callback for c in callbacks):
         callbacks.remove(callback)
@@ -54,6 +55,15 @@ def install_first(callback: Any, trainer: Any) -> None:
             return norm
 
         trainer._clip_grad_norm = _clip_grad_norm
+
+    get_batch_samples = trainer.get_batch_samples
+
+    def _get_batch_samples(epoch_iterator, num_batches, *rest, **kwargs):
+        batches, num_items = get_batch_samples(epoch_iterator, num_batches, *rest, **kwargs)
+        callback._step_batches(batches)
+        return batches, num_items
+
+    trainer.get_batch_samples = _get_batch_samples
 
 
 def move_to_front(callback: TrainerCallback) -> bool:

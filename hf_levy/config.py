@@ -57,7 +57,8 @@ class LevyArguments:
         default=3.0,
         metadata={
             "help": "Cap on the noise norm relative to the gradient norm, ‖ξ‖ <= ratio·‖g‖, a bound on rare "
-            "long jumps; it should act on few steps (logged as levy/capped_fraction). None: off."
+            "long jumps; it should act on few steps (logged as levy/capped_fraction). None: off. The 'minibatch' "
+            "bases are not capped (nor clipped by levy_clip): their noise is the real sampling noise."
         },
     )
     levy_seed: int | None = field(
@@ -66,20 +67,34 @@ class LevyArguments:
             "help": "Seed of the noise draws and of the sketch batches; default: the Trainer's `seed`."
         },
     )
-    levy_noise_basis: Literal["hessian", "isotropic"] = field(
+    levy_noise_basis: Literal["hessian", "isotropic", "minibatch", "minibatch_topk"] = field(
         default="hessian",
         metadata={
-            "help": "'hessian': noise in the top-K Hessian eigenvectors (the method); 'isotropic': an ablation "
-            "with i.i.d. α-stable noise over all trainable coordinates, rescaled to the same norm each step."
+            "help": "'hessian': α-stable noise in the top-K Hessian eigenvectors; 'isotropic': an ablation with "
+            "i.i.d. α-stable noise over all trainable coordinates, rescaled to the same norm each step; "
+            "'minibatch': the real noise of a sub-batch, ξ = κ·(g_b − g) with g_b the gradient of "
+            "levy_noise_batch_size examples drawn from the step's own batch (no sketch, one extra backward of b "
+            "examples per step); 'minibatch_topk': that noise projected on the sketch's K eigenvectors, "
+            "V Vᵀ(g_b − g). κ = levy_scale·√((1/b' − 1/B)/(1/b − 1/B)), b' = levy_virtual_batch_size or b, B "
+            "the examples per optimizer step: levy_scale 1 gives the batch-b gradient."
+        },
+    )
+    levy_noise_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "b, the examples of the sub-batch whose noise the 'minibatch' bases inject (a multiple of the "
+            "number of processes, smaller than the examples per optimizer step). Unused by the other bases."
         },
     )
     levy_virtual_batch_size: int | None = field(
         default=None,
         metadata={
-            "help": "Calibration: a batch size b whose gradient noise the injected noise imitates. At each sketch, "
-            "calibration_num_microbatches gradients of b examples are projected on the eigenvectors, α_i and the "
-            "scale c_b,i are fitted per direction, and the noise scale becomes levy_scale · c_b,i·(1 − (b/B)^(α_i−1))"
-            "^(1/α_i) (B the physical batch), so levy_scale=1 brings the noise to the batch-b level. None: off."
+            "help": "A batch size b' whose gradient noise the injected noise imitates. 'hessian' and 'isotropic' "
+            "calibrate to it: at each sketch, calibration_num_microbatches gradients of b' examples are projected "
+            "on the eigenvectors, α_i and the scale c_b,i are fitted per direction, and the noise scale becomes "
+            "levy_scale · c_b,i·(1 − (b'/B)^(α_i−1))^(1/α_i) (B the physical batch), so levy_scale=1 brings the "
+            "noise to the batch-b' level. The 'minibatch' bases rescale the sub-batch noise to it (κ above). "
+            "None: no calibration; the sub-batch's own noise."
         },
     )
     calibration_num_microbatches: int = field(
@@ -189,8 +204,16 @@ class LevyArguments:
             "> 0 or None",
             "e.g. 0.1 for at most ~10% of the training time; None refreshes every sketch_every_n_steps",
         )
-        vbs = self.levy_virtual_batch_size
-        _check(vbs is None or vbs >= 1, "levy_virtual_batch_size", vbs, "None or >= 1")
+        for name in ("levy_virtual_batch_size", "levy_noise_batch_size"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, name, value, "None or an integer >= 1")
+        _check(
+            self.levy_noise_batch_size is not None or not self.levy_noise_basis.startswith("minibatch"),
+            "levy_noise_batch_size",
+            self.levy_noise_batch_size,
+            f"set with levy_noise_basis={self.levy_noise_basis!r}",
+            "the examples of the sub-batch whose noise is injected, e.g. the small batch size to imitate",
+        )
         m = self.calibration_num_microbatches
         _check(
             m >= MIN_MICROBATCHES,

@@ -15,11 +15,80 @@ import torch
 
 from hf_levy import rng
 from hf_levy.config import LevyArguments
-from hf_levy.noise import step_noise
+from hf_levy.hvp import LossFn
+from hf_levy.minibatch import batch_length, minibatch_kappa, minibatch_noise, subbatch_gradient, subbatch_rows
+from hf_levy.noise import NoiseDraw, step_noise
+from hf_levy.params import rank_and_world, sum_over_ranks
 from hf_levy.rng import step_generator
 from hf_levy.run_state import LevyRun
 
 logger = logging.getLogger("hf_levy.callback")  # the logger users already filter on
+
+
+def add_minibatch_noise(
+    run: LevyRun, levy: LevyArguments, step: int, pre_clip_norm: Any = None, loss_fn: LossFn | None = None
+) -> bool:
+    """Add this step's real sub-batch noise ξ = κ·(r·g_b − g) (or its top-K projection) to ``.grad``.
+
+    g_b is the gradient of ``levy_noise_batch_size`` examples drawn from the step's own micro-batches
+    (``run.step_batches``) by the step's generator, each rank its equal share, averaged over the ranks; g the
+    clipped gradient in ``.grad`` and r = ‖g‖/``pre_clip_norm`` the clipping factor (1 without clipping), so
+    that at κ = 1 the optimizer sees the batch-b gradient clipped by the full batch's factor. The α-stable
+    truncations (``levy_clip``, ``levy_max_noise_ratio``) do not apply: this noise has no heavy tail to cut,
+    and near a minimum, where ‖g‖ → 0 while the sampling noise stays, a cap relative to ‖g‖ would replace it
+    on most steps. Skipped like :func:`add_step_noise` when ‖g‖ or ξ is not finite; returns whether noise was
+    added.
+    """
+    batches, run.step_batches = run.step_batches, []
+    if not batches or not run.space.has_grads():
+        return False
+    grad_norm = run.space.grad_norm()
+    if not math.isfinite(grad_norm):
+        run.skipped_nonfinite += 1
+        return False
+    space = run.space
+    rank, world = rank_and_world()
+    share = levy.levy_noise_batch_size // world
+    rows = subbatch_rows(
+        [batch_length(b) for b in batches], share, step_generator(run.seed + rng.MINIBATCH, step)
+    )
+    sub_P, _ = subbatch_gradient(run.model, batches, rows, run.params, loss_fn=loss_fn)
+    if world > 1 and not space.sharded:  # FSDP's backward already averaged the ranks' equal shares
+        sub_P = sum_over_ranks(sub_P).div_(world)
+    pre_clip = _host_float(pre_clip_norm)
+    shrink = min(1.0, grad_norm / pre_clip) if pre_clip else 1.0
+    topk = levy.levy_noise_basis == "minibatch_topk"
+    kappa = minibatch_kappa(
+        levy.levy_scale, levy.levy_noise_batch_size, levy.levy_virtual_batch_size, run.step_examples
+    )
+    noise = minibatch_noise(
+        space.flat_grads(),
+        sub_P,
+        kappa,
+        shrink=shrink,
+        vectors_PK=space.unpad(run.sketch.vectors_PK) if topk else None,
+        reduce=space.reduce,
+    )
+    if not math.isfinite(noise.norm):
+        logger.warning("hf_levy: step %d: the sub-batch noise is not finite and is skipped", step)
+        run.skipped_nonfinite += 1
+        return False
+    space.add_to_grads(space.pad(noise.xi_P))
+    record = NoiseDraw(noise.xi_P.new_zeros(0, dtype=torch.float64), num_clipped=0, capped=False)
+    for tally in (run.noise_window, run.noise_total):
+        tally.add(record, noise.norm, grad_norm)
+        if noise.topk_share is not None:
+            tally.add_topk_share(noise.topk_share)
+    return True
+
+
+def _host_float(norm: Any) -> float | None:
+    """A norm handed over by the Trainer's clipping as a float (FSDP2 gives a replicated DTensor)."""
+    if norm is None:
+        return None
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 def add_step_noise(run: LevyRun, levy: LevyArguments, step: int, pre_clip_norm: Any = None) -> bool:
@@ -37,8 +106,6 @@ def add_step_noise(run: LevyRun, levy: LevyArguments, step: int, pre_clip_norm: 
         run.skipped_nonfinite += 1
         return False
     calibration = run.calibration
-    if pre_clip_norm is not None and hasattr(pre_clip_norm, "full_tensor"):  # FSDP2: a replicated DTensor
-        pre_clip_norm = pre_clip_norm.full_tensor()
     draw = step_noise(
         grad_norm,
         run.sketch.values_K,
@@ -50,7 +117,7 @@ def add_step_noise(run: LevyRun, levy: LevyArguments, step: int, pre_clip_norm: 
         max_noise_ratio=levy.levy_max_noise_ratio,
         calibrated_scale_K=calibration.scale_K if calibration is not None else None,
         calibrated_alpha_K=calibration.alpha_K if calibration is not None else None,
-        pre_clip_norm=float(pre_clip_norm) if pre_clip_norm is not None else None,
+        pre_clip_norm=_host_float(pre_clip_norm),
     )
     # Orthonormal columns give |ξ_j| <= ‖ξ‖ = ‖coef‖, so checking the K coefficients on the host rules
     # out an overflow anywhere in ξ. Only reachable with truncation off: such a draw is dropped.

@@ -22,6 +22,8 @@ class NoiseTally:
     draws: int = 0
     norm_sum: float = 0.0  # Σ ‖ξ‖
     ratio_sum: float = 0.0  # Σ ‖ξ‖/‖g‖
+    share_sum: float = 0.0  # Σ of the top-K share ‖Vᵀd‖²/‖d‖² of the sub-batch noise d (minibatch_topk)
+    share_steps: int = 0
 
     def add(self, draw: NoiseDraw, noise_norm: float, grad_norm: float) -> None:
         self.steps += 1
@@ -30,6 +32,12 @@ class NoiseTally:
         self.draws += draw.num_draws
         self.norm_sum += noise_norm
         self.ratio_sum += noise_norm / grad_norm if grad_norm > 0 else 0.0
+
+    def add_topk_share(self, share: float) -> None:
+        """A step's share of the sub-batch noise in the sketch's span (not counted when it is NaN: d = 0)."""
+        if share == share:
+            self.share_sum += share
+            self.share_steps += 1
 
     @property
     def capped_fraction(self) -> float:
@@ -40,12 +48,16 @@ class NoiseTally:
         return self.clipped_draws / self.draws if self.draws else 0.0
 
     def metrics(self, prefix: str = "levy/") -> dict[str, float]:
-        """Mean ‖ξ‖, mean ‖ξ‖/‖g‖ and the two truncation fractions; empty when no step had noise."""
+        """Mean ‖ξ‖, mean ‖ξ‖/‖g‖, the two truncation fractions and (minibatch_topk) the mean top-K share;
+        empty when no step had noise."""
         if not self.steps:
             return {}
-        return {
+        metrics = {
             f"{prefix}noise_norm": self.norm_sum / self.steps,
             f"{prefix}noise_to_grad_ratio": self.ratio_sum / self.steps,
             f"{prefix}capped_fraction": self.capped_fraction,
             f"{prefix}clipped_fraction": self.clipped_fraction,
         }
+        if self.share_steps:
+            metrics[f"{prefix}topk_noise_share"] = self.share_sum / self.share_steps
+        return metrics

@@ -143,6 +143,10 @@ class ParameterSpace:
         """Whether any parameter has a ``.grad`` (none before the first backward, or after zero_grad)."""
         return any(p.grad is not None for p in self.params)
 
+    def flat_grads(self) -> Tensor:
+        """This rank's elements of ``.grad`` as one flat (P_local,) copy (zeros where a grad is missing)."""
+        return flatten([torch.zeros_like(local_view(p)) if p.grad is None else p.grad for p in self.params])
+
     def grad_norm(self) -> float:
         """‖g‖ over all ranks' elements (float64), from the local pieces of ``.grad``; one host sync."""
         grads = [local_view(p.grad) for p in self.params if p.grad is not None]

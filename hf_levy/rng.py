@@ -16,6 +16,7 @@ SKETCH_BATCH = 0xBA7C  # which training examples form the sketch batch
 LANCZOS_START = 0x5EED  # the random part of the Lanczos start vector
 ISOTROPIC = 0x150  # the coordinates of the isotropic ablation (+ rank + 1 under FSDP)
 CALIBRATION = 0xCA1  # the micro-batches of the virtual-batch calibration
+MINIBATCH = 0x5B5  # which examples of a step's batch form the sub-batch of the 'minibatch' noise
 # hf-levy tail-index: mini-batches of size b use (seed, b); these streams the rest
 TAIL_REFERENCE, TAIL_COORDINATE, TAIL_BOOTSTRAP = 0x4EF, 0xC00D, 0xB007
 

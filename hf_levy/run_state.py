@@ -20,6 +20,7 @@ from hf_levy.calibration import DirectionalNoise, calibrate_to_virtual_batch
 from hf_levy.config import LevyArguments
 from hf_levy.hvp import LossFn
 from hf_levy.levy_state import FIX
+from hf_levy.minibatch import minibatch_kappa
 from hf_levy.noise import isotropic_noise
 from hf_levy.noise_tally import NoiseTally
 from hf_levy.params import ParameterSpace, rank_and_world, trainable_parameters
@@ -30,6 +31,9 @@ from hf_levy.sketch import HessianSketch, SketchSettings
 from hf_levy.zero_space import ZeroSpace, uses_deepspeed, zero_optimizer_of
 
 logger = logging.getLogger(__name__)
+
+# The noise bases that inject the real noise of a sub-batch of the step's batch (hf_levy.minibatch).
+MINIBATCH_BASES = ("minibatch", "minibatch_topk")
 
 
 @dataclass
@@ -45,6 +49,8 @@ class LevyRun:
     dataset: Any
     collate_fn: Any
     physical_batch_size: int | None  # B, examples per optimizer step; None: the whole training set
+    step_examples: int = 0  # B as a count: examples per optimizer step, at most the training set
+    step_batches: list[Any] = field(default_factory=list)  # this step's micro-batches ('minibatch' bases)
     calibration: DirectionalNoise | None = None  # the injected α_K and c_inj_K (levy_virtual_batch_size)
     sketch_metrics: dict[str, float] = field(default_factory=dict)  # of the last refresh, until logged
     noise_window: NoiseTally = field(default_factory=NoiseTally)  # the steps since the last log
@@ -59,7 +65,7 @@ class LevyRun:
     def params(self) -> list[nn.Parameter]:
         return self.space.params
 
-    def log_metrics(self, *, summary: bool, alpha: float) -> dict[str, float]:
+    def log_metrics(self, *, summary: bool, alpha: float | None) -> dict[str, float]:
         """The ``curvature/`` and ``levy/`` entries of a training log (then the window starts afresh), or
         of the end-of-training summary: the whole run's sketch seconds and truncation shares."""
         total = {}
@@ -71,7 +77,7 @@ class LevyRun:
             shares = self.noise_total.metrics("levy/run_")
             return {**total, **{k: v for k, v in shares.items() if k.endswith("_fraction")}}
         metrics = {**self.sketch_metrics, **total, **self.noise_window.metrics()}
-        if self.noise_window.steps and self.calibration is None:
+        if self.noise_window.steps and self.calibration is None and alpha is not None:
             metrics["levy/alpha"] = float(alpha)
         if self.skipped_nonfinite:
             metrics["levy/skipped_nonfinite_steps"] = float(self.skipped_nonfinite)
@@ -189,18 +195,28 @@ def start_run(
         else ParameterSpace(params)
     )
     world = rank_and_world()[1]
+    from_subbatch = levy.levy_noise_basis in MINIBATCH_BASES
+    if from_subbatch and isinstance(space, ZeroSpace):
+        raise ValueError(
+            f"levy_noise_basis={levy.levy_noise_basis!r} needs a second backward on a sub-batch each step, "
+            "which DeepSpeed's engine does not allow: use levy_noise_basis='hessian' under DeepSpeed, or "
+            "train with DDP or FSDP"
+        )
     if space.sharded:
         _check_sharded(levy, world, space)
     dataset = train_dataloader.dataset
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise ValueError("the sketch batch is drawn by index: LevyTrainer needs a map-style train_dataset")
-    if len(dataset) < levy.sketch_batch_size:
+    if levy.levy_noise_basis != "minibatch" and len(dataset) < levy.sketch_batch_size:
         raise ValueError(
             f"sketch_batch_size={levy.sketch_batch_size} exceeds the {len(dataset)} training "
             "examples; lower sketch_batch_size"
         )
     per_step = examples_per_batch(train_dataloader, args) * args.gradient_accumulation_steps
-    _check_virtual_batch(levy, min(per_step, len(dataset)), len(dataset), world, space.sharded)
+    if from_subbatch:
+        _check_noise_batch(levy, min(per_step, len(dataset)), world)
+    else:
+        _check_virtual_batch(levy, min(per_step, len(dataset)), len(dataset), world, space.sharded)
     seed = levy.levy_seed if levy.levy_seed is not None else args.seed
     return LevyRun(
         model=model,
@@ -215,6 +231,7 @@ def start_run(
         # A step that sees the whole training set has no sampling noise of its own (None: the calibration
         # then injects all of batch b's, c_inj = c_b).
         physical_batch_size=None if per_step >= len(dataset) else per_step,
+        step_examples=min(per_step, len(dataset)),
     )
 
 
@@ -294,6 +311,22 @@ def _check_virtual_batch(
             f"levy_virtual_batch_size={virtual} is smaller than the {world} FSDP ranks: every rank "
             f"computes its share of each micro-batch; use levy_virtual_batch_size >= {world}"
         )
+
+
+def _check_noise_batch(levy: LevyArguments, step_examples: int, world: int) -> None:
+    """The sub-batch of the 'minibatch' bases: set, smaller than a step's batch, split evenly over ranks."""
+    b = levy.levy_noise_batch_size
+    if b is None:
+        raise ValueError(
+            f"levy_noise_basis={levy.levy_noise_basis!r} needs levy_noise_batch_size, the examples of the "
+            "sub-batch whose noise is injected (e.g. the small batch size whose generalization you want)"
+        )
+    if b % world:
+        raise ValueError(
+            f"levy_noise_batch_size={b} is not a multiple of the {world} processes: each draws an equal share "
+            f"of the sub-batch from its own batch; use a multiple of {world}"
+        )
+    minibatch_kappa(levy.levy_scale, b, levy.levy_virtual_batch_size, step_examples)  # raises on bad sizes
 
 
 def _from_rank0(step: int, space: ParameterSpace) -> int:
