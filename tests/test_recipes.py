@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 import hf_levy.recipes.runner as runner
+import hf_levy.recipes.tracker as tracker_module
 from hf_levy import LevyConfig
 from hf_levy.recipes.cli import main
 from hf_levy.recipes.recipe import RecipeError, Target, arm_config, load_recipe, parse_overrides
@@ -152,7 +153,7 @@ def test_pretrained_minilm_recipe_trains_its_levy_arm(tmp_path):
 
 def test_target_tracker_counts_training_seconds_without_the_evaluations(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr(runner, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(tracker_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     tracker = runner.TargetTracker(Target(metric="eval_accuracy", value=0.9, stop=False))
     state = types.SimpleNamespace(global_step=0, epoch=0.0)
     tracker.on_train_begin(None, state, None)

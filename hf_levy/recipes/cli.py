@@ -149,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _catalog_command(args)
     # Heavy imports only once a command runs, so --help answers at once.
     from hf_levy.recipes.recipe import RecipeError, load_recipe, parse_overrides
+    from hf_levy.recipes.run_folder import is_main_process
 
     try:
         if args.command == "report":
@@ -158,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         recipe = load_recipe(args.config)
         if args.command == "tail-index":
-            from hf_levy.recipes.runner import tail_index_report
+            from hf_levy.recipes.tail_index import tail_index_report
 
             output_dir = args.output_dir or pathlib.Path("runs") / recipe.name / "tail_index"
             table, plot = tail_index_report(
@@ -186,10 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = train_arm(
                 recipe, arm, run_dir, seed, overrides, trust_remote_code=args.trust_remote_code
             )
-            print(f"{arm} seed {seed}: {summary}")
+            if is_main_process():
+                print(f"{arm} seed {seed}: {summary}")
             return 0
-        from hf_levy.recipes.report import build_report
-
         compare(
             recipe,
             run_dir,
@@ -197,11 +197,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             arms=args.arms.split(",") if args.arms else None,
             overrides=overrides,
             trust_remote_code=args.trust_remote_code,
+            report=True,
         )
-        print(f"report: {build_report(run_dir)}")
         return 0
     except (RecipeError, FileNotFoundError) as err:
-        print(f"hf-levy: error: {err}", file=sys.stderr)
+        # Every rank of a launch meets the same recipe error (or the main one's, shared): one says it.
+        if is_main_process():
+            print(f"hf-levy: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -8,17 +8,14 @@ resumed from its last checkpoint or trained again is :func:`hf_levy.recipes.arm_
 
 from __future__ import annotations
 
-import math
 import pathlib
 import shutil
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import Trainer
 
 from hf_levy.recipes import tasks
 from hf_levy.recipes.arm_files import (
@@ -32,7 +29,9 @@ from hf_levy.recipes.arm_files import (
     write_json,
     write_text,
 )
-from hf_levy.recipes.recipe import Recipe, RecipeError, Target, arm_config, code_keys
+from hf_levy.recipes.recipe import Recipe, RecipeError, arm_config, code_keys
+from hf_levy.recipes.run_folder import Ranks, own_run_folder
+from hf_levy.recipes.tracker import TargetTracker, summarize
 from hf_levy.trainer import LevyTrainer
 
 # Task builders a recipe can name (recipes are data, so the name must map to code somewhere).
@@ -44,67 +43,6 @@ TASKS: dict[str, Callable[..., tasks.Task]] = {
     "sentiment_templates": tasks.sentiment_templates,
     "hub_causal_lm": tasks.hub_causal_lm,
 }
-
-
-class TargetTracker(TrainerCallback):
-    """Records training seconds at every log and the first step whose eval metric reaches the target.
-
-    Training seconds are wall-clock since training began minus the evaluations' own runtime (``eval_runtime``),
-    so arms that evaluate at different intervals compare by what their training cost. Its state goes into
-    every checkpoint (``target_tracker.json``), so that a resumed arm counts on from there.
-    """
-
-    def __init__(self, target: Target):
-        self.target = target
-        self.start = time.perf_counter()
-        self.eval_seconds = 0.0
-        self.seconds_before = 0.0  # training and wall-clock seconds of the sessions before a resume
-        self.wall_before = 0.0
-        self.timeline: list[dict[str, float]] = []
-        self.reached: dict[str, float] | None = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def training_seconds(self) -> float:
-        return self.seconds_before + time.perf_counter() - self.start - self.eval_seconds
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "training_seconds": self.training_seconds(),
-            "wall_seconds": self.wall_before + time.perf_counter() - self.start,
-            "timeline": self.timeline,
-            "reached": self.reached,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seconds_before, self.wall_before = state["training_seconds"], state["wall_seconds"]
-        self.timeline, self.reached = state["timeline"], state["reached"]
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.timeline.append({"step": state.global_step, "seconds": self.training_seconds()})
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = pathlib.Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            write_json(folder / TRACKER, self.state_dict())
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        runtimes = [v for k, v in (metrics or {}).items() if k.endswith("_runtime") and isinstance(v, float)]
-        self.eval_seconds += sum(runtimes)
-        value = (metrics or {}).get(self.target.metric)
-        if value is None or self.reached is not None:
-            return
-        better = value >= self.target.value if self.target.greater_is_better else value <= self.target.value
-        if better:
-            self.reached = {
-                "step": state.global_step,
-                "epoch": state.epoch,
-                "seconds": self.training_seconds(),
-                "value": value,
-            }
-            if self.target.stop:
-                control.should_training_stop = True
 
 
 def arm_dir(run_dir: str | pathlib.Path, arm: str, seed: int) -> pathlib.Path:
@@ -177,22 +115,57 @@ def train_arm(
 
     An arm left unfinished with the same resolved config resumes from its last complete checkpoint; files of
     another config (or of a finished run: ``hf-levy train`` trains again) are removed first (see
-    :func:`arm_state`). ``task`` is the recipe's task when the caller already built it.
+    :func:`arm_state`). ``task`` is the recipe's task when the caller already built it. Under a multi-process
+    launch only the main process writes (:mod:`hf_levy.recipes.run_folder`).
+
+    Raises:
+        RunFolderBusy: another run holds ``run_dir``.
     """
-    keep_recipe(recipe, run_dir)
-    out = arm_dir(run_dir, arm, seed)
     task = task or build_task(recipe)
-    config = arm_config(
-        recipe, arm, output_dir=str(out), seed=seed, train_size=len(task.train_dataset), overrides=overrides
+    config = _config(recipe, arm, run_dir, seed, task, overrides)
+    ranks = Ranks(config)
+    with own_run_folder(run_dir, ranks):
+        if ranks.is_main:
+            keep_recipe(recipe, run_dir)
+        return _train(recipe, arm, run_dir, seed, overrides, task, config, ranks, trust_remote_code)
+
+
+def _config(recipe: Recipe, arm: str, run_dir, seed: int, task: tasks.Task, overrides) -> Any:
+    return arm_config(
+        recipe,
+        arm,
+        output_dir=str(arm_dir(run_dir, arm, seed)),
+        seed=seed,
+        train_size=len(task.train_dataset),
+        overrides=overrides,
     )
-    record = arm_record(recipe, arm, config)
+
+
+def _train(
+    recipe: Recipe,
+    arm: str,
+    run_dir: str | pathlib.Path,
+    seed: int,
+    overrides: dict[str, str] | None,
+    task: tasks.Task,
+    config: Any,
+    ranks: Ranks,
+    trust_remote_code: bool,
+) -> dict[str, Any]:
+    """:func:`train_arm` once the run folder is held: the main process empties or resumes the arm's folder,
+    every rank trains, the main process writes the results."""
+    out = arm_dir(run_dir, arm, seed)
+    checkpoint = None
+    if ranks.is_main:
+        record = arm_record(recipe, arm, config)
+        state, _ = arm_state(out, record)
+        checkpoint = last_checkpoint(out) if state == "interrupted" else None
+        if state in ("stale", "finished"):
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / CONFIG, record)
+    checkpoint = ranks.share(checkpoint)  # and no rank trains before the folder is ready
     model = build_recipe_model(recipe, task, seed, trust_remote_code=trust_remote_code)
-    state, _ = arm_state(out, record)
-    checkpoint = last_checkpoint(out) if state == "interrupted" else None
-    if state in ("stale", "finished"):
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / CONFIG, record)
     tracker = TargetTracker(recipe.target)
     if checkpoint is not None:
         tracker.load_state_dict(read_json(checkpoint / TRACKER))
@@ -209,73 +182,15 @@ def train_arm(
     )
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     history = trainer.state.log_history
-    summary = summarize(recipe, arm, seed, config, history, tracker, result.metrics)
+    summary = summarize(recipe, arm, seed, config, history, tracker, result.metrics, len(task.train_dataset))
     summary["resumed_from_step"] = int(checkpoint.name.rpartition("-")[2]) if checkpoint else None
     summary["overrides"] = dict(overrides or {})
-    write_json(out / "log_history.json", history)
-    write_json(out / "timeline.json", tracker.timeline)
-    write_json(out / SUMMARY, summary)
+    if ranks.is_main:
+        write_json(out / "log_history.json", history)
+        write_json(out / "timeline.json", tracker.timeline)
+        write_json(out / SUMMARY, summary)
+    ranks.barrier()
     return summary
-
-
-def summarize(
-    recipe: Recipe,
-    arm: str,
-    seed: int,
-    config: Any,
-    history: list[dict[str, Any]],
-    tracker: TargetTracker,
-    train_metrics: dict[str, float],
-) -> dict[str, Any]:
-    """The per-arm numbers of the report (see docs/recipes.md for their definitions)."""
-    metric = recipe.target.metric
-    evals = [h[metric] for h in history if metric in h]
-    batch = (
-        config.per_device_train_batch_size * config.gradient_accumulation_steps * max(1, config.world_size)
-    )
-    # this session's runtime plus, for a resumed arm, the sessions before it
-    runtime = train_metrics.get("train_runtime", float("nan")) + tracker.wall_before
-    # LevyCallback's running total: every refresh and calibration, also those between two logs.
-    sketch_seconds = max((h.get("curvature/sketch_seconds_total", 0.0) for h in history), default=0.0)
-    reached = tracker.reached
-    losses = [h["loss"] for h in history if "loss" in h]
-    run_end = history[-1] if history else {}
-    return {
-        "arm": arm,
-        "seed": seed,
-        "trainer": recipe.arms[arm].trainer,
-        "levy_alpha": config.levy_alpha if recipe.arms[arm].trainer == "levy" else None,
-        "levy_noise_basis": config.levy_noise_basis if recipe.arms[arm].trainer == "levy" else None,
-        "levy_scale": config.levy_scale if recipe.arms[arm].trainer == "levy" else None,
-        "global_batch_size": batch,
-        "steps": history[-1].get("step", 0) if history else 0,
-        "final_metric": evals[-1] if evals else None,
-        "best_metric": (max(evals) if recipe.target.greater_is_better else min(evals)) if evals else None,
-        "final_train_loss": losses[-1] if losses else None,
-        "steps_to_target": reached["step"] if reached else None,
-        "epochs_to_target": reached["epoch"] if reached else None,  # the Trainer's count (last batch kept)
-        "seconds_to_target": reached["seconds"] if reached else None,
-        "train_runtime": runtime,
-        "samples_per_second": train_metrics.get("train_samples_per_second"),
-        "sketch_seconds": sketch_seconds,
-        "sketch_share": sketch_seconds / runtime if runtime and math.isfinite(runtime) else None,
-        # LevyCallback's whole-run shares: steps whose noise norm the cap set, α-stable draws the clip cut
-        "num_eigenpairs": config.num_eigenpairs if recipe.arms[arm].trainer == "levy" else None,
-        "levy_virtual_batch_size": config.levy_virtual_batch_size
-        if recipe.arms[arm].trainer == "levy"
-        else None,
-        # medians over the logging windows and calibrations of the run (None without noise or calibration)
-        "noise_to_grad_ratio": _median(history, "levy/noise_to_grad_ratio"),
-        "noise_variance_share": _median(history, "levy/noise_variance_share"),
-        "capped_fraction": run_end.get("levy/run_capped_fraction"),
-        "clipped_fraction": run_end.get("levy/run_clipped_fraction"),
-        "target": {"metric": metric, "value": recipe.target.value},
-    }
-
-
-def _median(history: list[dict[str, Any]], key: str) -> float | None:
-    values = [h[key] for h in history if key in h]
-    return statistics.median(values) if values else None
 
 
 def compare(
@@ -287,113 +202,51 @@ def compare(
     overrides: dict[str, str] | None = None,
     trust_remote_code: bool = False,
     progress: Callable[[str], None] = print,
+    report: bool = False,
 ) -> list[dict[str, Any]]:
     """Train every (arm, seed) of ``run_dir`` not finished with its resolved config now; returns all summaries.
 
-    Each arm's state (:func:`arm_state`) is printed: kept, resumed from a checkpoint, or trained again and why.
+    Each arm's state (:func:`arm_state`) is printed: kept, resumed from a checkpoint, or trained again and why;
+    with ``report``, the report is built at the end and its path printed. Under a multi-process launch the main
+    process alone decides, writes and prints; the others train with it.
+
+    Raises:
+        RunFolderBusy: another run holds ``run_dir``.
     """
     seeds = seeds if seeds is not None else recipe.seeds
     arms = arms or list(recipe.arms)
     for name in arms:
         if name not in recipe.arms:
             raise RecipeError(f"{recipe.path}: no arm {name!r}; arms: {sorted(recipe.arms)}")
-    keep_recipe(recipe, run_dir)
     task = build_task(recipe)
-    summaries = []
-    jobs = [(arm, seed) for seed in seeds for arm in arms]
-    for i, (arm, seed) in enumerate(jobs, 1):
-        folder = arm_dir(run_dir, arm, seed)
-        config = arm_config(
-            recipe,
-            arm,
-            output_dir=str(folder),
-            seed=seed,
-            train_size=len(task.train_dataset),
-            overrides=overrides,
-        )
-        state, why = arm_state(folder, arm_record(recipe, arm, config))
-        progress(f"[{i}/{len(jobs)}] {arm} seed {seed}: {why}")
-        if state == "finished":
-            summaries.append(read_json(folder / SUMMARY))
-            continue
-        start = time.perf_counter()
-        summaries.append(
-            train_arm(recipe, arm, run_dir, seed, overrides, task=task, trust_remote_code=trust_remote_code)
-        )
-        progress(f"[{i}/{len(jobs)}] {arm} seed {seed}: done in {time.perf_counter() - start:.0f} s")
-    return summaries
-
-
-def tail_index_report(
-    recipe: Recipe,
-    batch_sizes: list[int],
-    output_dir: str | pathlib.Path,
-    *,
-    checkpoint: str | None = None,
-    num_batches: int = 256,
-    num_eigenpairs: int = 4,
-    sketch_batch_size: int = 256,
-    seed: int = 0,
-    trust_remote_code: bool = False,
-) -> tuple[pathlib.Path, pathlib.Path]:
-    """``hf-levy tail-index``: α̂ of the gradient noise against batch size, pooled and per eigen-direction.
-
-    The model is the recipe's at initialization, or loaded from ``checkpoint`` (a directory written by
-    ``save_pretrained``/a Trainer checkpoint). The directions are its top ``num_eigenpairs`` Hessian
-    eigenvectors on a seeded sketch batch of the train set. Writes ``tail_index.md`` and
-    ``tail_index.png`` into ``output_dir``; returns their paths.
-    """
-
-    from hf_levy.diagnostics import format_table, tail_index_profile
-    from hf_levy.hvp import make_hvp
-    from hf_levy.lanczos import lanczos
-    from hf_levy.params import num_elements, trainable_parameters
-    from hf_levy.recipes.plots import plot_tail_index
-    from hf_levy.rng import step_generator
-
-    task = build_task(recipe)
-    if checkpoint is not None and not pathlib.Path(checkpoint).is_dir():
-        raise FileNotFoundError(
-            f"checkpoint {checkpoint!r} is not a directory (a checkpoint-N folder of a run)"
-        )
-    model = build_recipe_model(recipe, task, seed, checkpoint=checkpoint, trust_remote_code=trust_remote_code)
-    params = trainable_parameters(model)
-    dataset, collate = task.train_dataset, task.data_collator
-    if max(batch_sizes) > len(dataset):
-        raise RecipeError(f"batch size {max(batch_sizes)} exceeds the {len(dataset)} training examples")
-    picks = torch.randperm(len(dataset), generator=step_generator(seed, 0))[
-        : min(sketch_batch_size, len(dataset))
+    # Every config resolved before anything runs: a bad value stops the run before its first arm trains.
+    jobs = [
+        (arm, seed, _config(recipe, arm, run_dir, seed, task, overrides)) for seed in seeds for arm in arms
     ]
-    sketch_batch = collate([dataset[int(i)] for i in picks])
-    pairs = lanczos(
-        make_hvp(model, sketch_batch, params),
-        num_elements(params),
-        num_eigenpairs,
-        generator=step_generator(seed, 1),
-    )
-    rows = tail_index_profile(
-        model,
-        dataset,
-        collate,
-        params,
-        batch_sizes,
-        num_batches=num_batches,
-        vectors_PK=pairs.vectors,
-        seed=seed,
-    )
-    out = pathlib.Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    values = ", ".join(f"{v:.4g}" for v in pairs.values.tolist())
-    table = out / "tail_index.md"
-    table.write_text(
-        f"# Tail index of the gradient noise: {recipe.name}\n\n"
-        f"Model: {'checkpoint ' + checkpoint if checkpoint else 'at initialization (seed ' + str(seed) + ')'}; "
-        f"{num_batches} mini-batch gradients per batch size; directions v_i: top-{num_eigenpairs} Hessian "
-        f"eigenvectors (eigenvalues {values}) on {len(picks)} training examples.\n\n{format_table(rows)}\n"
-    )
-    plot = out / "tail_index.png"
-    plot_tail_index(rows, plot)
-    return table, plot
+    ranks = Ranks(jobs[0][2])
+    say = progress if ranks.is_main else lambda text: None
+    summaries = []
+    with own_run_folder(run_dir, ranks):
+        if ranks.is_main:
+            keep_recipe(recipe, run_dir)
+        for i, (arm, seed, config) in enumerate(jobs, 1):
+            folder = arm_dir(run_dir, arm, seed)
+            decision = arm_state(folder, arm_record(recipe, arm, config)) if ranks.is_main else None
+            state, why = ranks.share(decision)
+            say(f"[{i}/{len(jobs)}] {arm} seed {seed}: {why}")
+            if state == "finished":
+                summaries.append(read_json(folder / SUMMARY))
+                continue
+            start = time.perf_counter()
+            summaries.append(
+                _train(recipe, arm, run_dir, seed, overrides, task, config, ranks, trust_remote_code)
+            )
+            say(f"[{i}/{len(jobs)}] {arm} seed {seed}: done in {time.perf_counter() - start:.0f} s")
+        if report and ranks.is_main:
+            from hf_levy.recipes.report import build_report
+
+            say(f"report: {build_report(run_dir)}")
+    return summaries
 
 
 def keep_recipe(recipe: Recipe, run_dir: str | pathlib.Path) -> None:
