@@ -108,10 +108,10 @@ class LevyCallback(TrainerCallback):
         self._pre_clip_norm = pre_clip_norm
 
     def save_state(self, checkpoint_dir: str, args: Any) -> None:
-        """Write the sketch, the calibration and the schedule into ``checkpoint_dir``: by the main process
-        (vectors identical on all ranks), or under FSDP by every rank, each its piece of the vectors."""
+        """Write the sketch, the calibration, the schedule and the run's noise tally into ``checkpoint_dir``: by
+        the main process (vectors identical on all ranks), or under FSDP by every rank, each its piece."""
         run = self.run
-        if run is None or not run.sketch.ready or not (run.space.sharded or args.should_save):
+        if run is None or not (run.space.sharded or args.should_save):
             return
         save_levy_state(
             checkpoint_dir,

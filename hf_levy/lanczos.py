@@ -33,6 +33,8 @@ class Eigenpairs:
     values: (K,) float64 on CPU, descending. vectors: (P, K) in the working dtype and device, orthonormal
     columns, column i pairs with values[i]. residuals: (K,) float64 on CPU, the bound on
     ||H v_i - values[i] v_i||. num_matvecs: products used. converged: every pair met the tolerance.
+    residual_floor: √eps·‖H‖ (‖H‖ the solver's running estimate): tolerances are relative to
+    max(|values[i]|, residual_floor), so an eigenvalue near 0 is judged on the scale of the operator.
     """
 
     values: Tensor
@@ -40,6 +42,12 @@ class Eigenpairs:
     residuals: Tensor
     num_matvecs: int
     converged: bool
+    residual_floor: float = 0.0
+
+    @property
+    def relative_residuals(self) -> Tensor:
+        """residuals / max(|values|, residual_floor), as convergence is judged ((K,) float64)."""
+        return self.residuals / self.values.abs().clamp(min=max(self.residual_floor, 1e-300))
 
 
 def _top_ritz(diag: list[float], offdiag: list[float], k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -249,4 +257,4 @@ def lanczos(
     # Stored as K contiguous rows and returned as their (P, K) transpose view: the noise V·c then runs as
     # one efficient pass over P (a row-major (P, K) layout makes it a skinny product of K-long dots).
     vectors_PK = basis.combine(ritz_MK.to(device)).T
-    return Eigenpairs(values_K, vectors_PK, residuals_K, len(diag), converged)
+    return Eigenpairs(values_K, vectors_PK, residuals_K, len(diag), converged, math.sqrt(eps) * scale)

@@ -7,7 +7,11 @@ acted (``levy/capped_fraction``, ``levy/clipped_fraction``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+import torch
+from torch import Tensor
 
 from hf_levy.noise import NoiseDraw
 
@@ -61,3 +65,20 @@ class NoiseTally:
         if self.share_steps:
             metrics[f"{prefix}topk_noise_share"] = self.share_sum / self.share_steps
         return metrics
+
+    def state_tensor(self) -> Tensor:
+        """The counts and sums as one float64 vector, in field order (a checkpoint entry)."""
+        return torch.tensor(
+            [float(getattr(self, f.name)) for f in dataclasses.fields(self)], dtype=torch.float64
+        )
+
+    @classmethod
+    def from_state_tensor(cls, state: Tensor) -> NoiseTally:
+        """The inverse of :meth:`state_tensor` (counts back to integers)."""
+        values = state.tolist()
+        fields = dataclasses.fields(cls)
+        if len(values) != len(fields):
+            raise ValueError(f"a noise tally has {len(fields)} entries, got {len(values)}")
+        return cls(
+            **{f.name: (int(v) if f.type in (int, "int") else v) for f, v in zip(fields, values, strict=True)}
+        )

@@ -32,6 +32,8 @@ from hf_levy.zero_space import ZeroSpace, uses_deepspeed, zero_optimizer_of
 
 logger = logging.getLogger(__name__)
 
+NOISE_TOTAL = "noise_total"  # the checkpoint entry of the whole run's NoiseTally
+
 # The noise bases that inject the real noise of a sub-batch of the step's batch (hf_levy.minibatch).
 MINIBATCH_BASES = ("minibatch", "minibatch_topk")
 
@@ -67,15 +69,17 @@ class LevyRun:
 
     def log_metrics(self, *, summary: bool, alpha: float | None) -> dict[str, float]:
         """The ``curvature/`` and ``levy/`` entries of a training log (then the window starts afresh), or
-        of the end-of-training summary: the whole run's sketch seconds and truncation shares."""
+        of the end-of-training summary: the whole run's sketch seconds and truncation shares, and the metrics
+        of a refresh that no training log has shown yet (their ``curvature/sketch_step`` says when)."""
         total = {}
         if self.schedule.refresh_seconds is not None:  # a refresh ran (or a resumed checkpoint's did)
             total["curvature/sketch_seconds_total"] = self.schedule.total_seconds
         if self.failed_refreshes:
             total["curvature/failed_refreshes"] = float(self.failed_refreshes)
-        if summary:
+        if summary:  # with the last refresh's metrics when no training log came after it
             shares = self.noise_total.metrics("levy/run_")
-            return {**total, **{k: v for k, v in shares.items() if k.endswith("_fraction")}}
+            last_sketch, self.sketch_metrics = self.sketch_metrics, {}
+            return {**last_sketch, **total, **{k: v for k, v in shares.items() if k.endswith("_fraction")}}
         metrics = {**self.sketch_metrics, **total, **self.noise_window.metrics()}
         if self.noise_window.steps and self.calibration is None and alpha is not None:
             metrics["levy/alpha"] = float(alpha)
@@ -121,8 +125,13 @@ class LevyRun:
         return space.pad(xi.to(space.device, self.sketch.vectors_PK.dtype))
 
     def state_dict(self) -> dict[str, Tensor]:
-        """What a checkpoint keeps: the sketch, its schedule and the calibration."""
-        state = {**self.sketch.state_dict(), **self.schedule.state_dict()}
+        """What a checkpoint keeps: the sketch (once there is one), its schedule, the calibration and the
+        whole run's noise tally (the summary's run fractions then cover the steps before a resume too)."""
+        state = {
+            **self.sketch.state_dict(),
+            **self.schedule.state_dict(),
+            NOISE_TOTAL: self.noise_total.state_tensor(),
+        }
         if self.calibration is not None:
             state.update(calibrated_alpha=self.calibration.alpha_K, calibrated_scale=self.calibration.scale_K)
         return state
@@ -138,9 +147,13 @@ class LevyRun:
         if problem is not None:
             raise ValueError(f"{source} {problem}; {FIX}")
         saved = dict(saved)
+        if NOISE_TOTAL in saved:  # files written before it was kept lack it: the run's tally starts afresh
+            self.noise_total = NoiseTally.from_state_tensor(saved.pop(NOISE_TOTAL))
         if "calibrated_scale" in saved:
             self.calibration = DirectionalNoise(saved.pop("calibrated_alpha"), saved.pop("calibrated_scale"))
         self.schedule.load_state_dict({key: saved.pop(key) for key in SCHEDULE_KEYS})
+        if "vectors_KP" not in saved:  # saved before any sketch (the 'minibatch' basis needs none)
+            return
         settings = self.sketch.settings
         saved["vectors_KP"] = saved["vectors_KP"].to(settings.vector_device, settings.vector_dtype)
         self.sketch.load_state_dict(saved)
@@ -149,11 +162,23 @@ class LevyRun:
 def saved_state_problem(saved: dict[str, Tensor], dim: int, num_eigenpairs: int) -> str | None:
     """What makes a checkpoint's state unusable for a run over ``dim`` parameters with ``num_eigenpairs``
     eigenpairs (a phrase to follow the file's name), or None when it fits."""
-    required = {"values", "vectors_KP", "step", *SCHEDULE_KEYS}
+    sketch_keys = {"values", "vectors_KP", "step"}
+    required = set(SCHEDULE_KEYS) | (
+        sketch_keys if sketch_keys & saved.keys() or "attempted" in saved else set()
+    )
     missing = sorted(required - saved.keys())
     if missing or ("calibrated_alpha" in saved) != ("calibrated_scale" in saved):
         absent = missing or [k for k in ("calibrated_alpha", "calibrated_scale") if k not in saved]
         return f"lacks the entries {absent}"
+    tally = saved.get(NOISE_TOTAL)
+    if tally is not None and not (
+        tally.shape == NoiseTally().state_tensor().shape
+        and torch.isfinite(tally).all()
+        and (tally >= 0).all()
+    ):
+        return f"holds a '{NOISE_TOTAL}' entry that is not {NoiseTally().state_tensor().numel()} finite counts >= 0"
+    if "vectors_KP" not in saved:
+        return _schedule_problem(saved, ("calibrated_alpha" in saved))
     vectors, values = saved["vectors_KP"], saved["values"]
     if vectors.shape != (num_eigenpairs, dim) or values.shape != (num_eigenpairs,):
         return (
@@ -171,7 +196,15 @@ def saved_state_problem(saved: dict[str, Tensor], dim: int, num_eigenpairs: int)
         return f"holds calibration entries whose shape is not ({num_eigenpairs},)"
     if calibrated and not (((calibrated[0] > 0) & (calibrated[0] <= 2)).all() and (calibrated[1] >= 0).all()):
         return "holds a calibrated alpha outside (0, 2] or a negative calibrated scale"
-    if any(saved[k].numel() != 1 for k in ("step", *SCHEDULE_KEYS)) or int(saved["step"]) < 0:
+    if saved["step"].numel() != 1 or int(saved["step"]) < 0:
+        return "holds no valid sketch step or schedule"
+    return _schedule_problem(saved, False)
+
+
+def _schedule_problem(saved: dict[str, Tensor], calibrated_without_sketch: bool) -> str | None:
+    if calibrated_without_sketch:
+        return "holds a calibration without the sketch it was fitted on"
+    if any(saved[k].numel() != 1 for k in SCHEDULE_KEYS):
         return "holds no valid sketch step or schedule"
     total, refresh = (float(saved[k]) for k in SCHEDULE_KEYS[:2])  # refresh is NaN before a first refresh
     if not (math.isfinite(total) and total >= 0 and not math.isinf(refresh)):

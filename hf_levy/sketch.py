@@ -122,8 +122,7 @@ class HessianSketch:
 def sketch_metrics(pairs: Eigenpairs, seconds: float) -> dict[str, float]:
     """``curvature/`` log entries: eigenvalues (descending), worst relative residual, products, seconds."""
     metrics = {f"curvature/eigenvalue_{i}": float(v) for i, v in enumerate(pairs.values)}
-    relative = pairs.residuals / pairs.values.abs().clamp(min=1e-30)
-    metrics["curvature/lanczos_residual"] = float(relative.max())
+    metrics["curvature/lanczos_residual"] = float(pairs.relative_residuals.max())
     metrics["curvature/lanczos_converged"] = float(pairs.converged)
     metrics["curvature/hvp_count"] = float(pairs.num_matvecs)
     metrics["curvature/sketch_seconds"] = seconds

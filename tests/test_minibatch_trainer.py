@@ -167,3 +167,15 @@ def test_under_ddp_every_rank_adds_the_same_noise_of_a_sub_batch_drawn_across_ra
         assert torch.equal(a, b)
     recorder = type("R", (), {"before": ranks[0]["before"], "after": ranks[0]["after"]})
     check_every_step(recorder, 2, lambda g, g_s: g_s)
+
+
+def test_a_resumed_minibatch_run_equals_the_uninterrupted_one(tmp_path):
+    """No sketch to save: the state file holds the schedule and the run's tally, and the sub-batches are
+    redrawn from the step, so the resumed run draws what the uninterrupted one drew."""
+    settings = dict(
+        levy_noise_basis="minibatch", levy_noise_batch_size=4, save_strategy="steps", save_steps=3
+    )
+    full = run_levy(tmp_path, name="full", **settings)
+    resumed = run_levy(tmp_path, name="resumed", resume=str(tmp_path / "full" / "checkpoint-3"), **settings)
+    assert torch.equal(flat_params(full), flat_params(resumed))
+    assert resumed.levy_callback.run.noise_total.steps == 6

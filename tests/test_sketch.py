@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from hf_levy.lanczos import Eigenpairs
+from hf_levy.lanczos import Eigenpairs, lanczos
 from hf_levy.sketch import HessianSketch, SketchSettings, sketch_metrics
 
 
@@ -163,3 +165,21 @@ def test_failure_says_why_the_last_refresh_was_discarded_and_clears_with_a_good_
     assert "non-finite" in s.failure and s.attempted == 0 and not s.ready
     s.refresh(lambda v: A @ v, 60, step=3)
     assert s.failure is None and (s.attempted, s.step) == (3, 3)
+
+
+def test_a_converged_sketch_with_an_eigenvalue_near_zero_reports_a_residual_within_the_tolerance():
+    """Convergence is judged against max(|λ|, √eps·‖H‖): the logged residual uses the same scale, so a
+    certified pair near λ = 0 does not read as unconverged (dividing by |λ| gave ~16 here before)."""
+    spectrum = torch.tensor([10.0, 5.0, 1e-12] + [-1.0 - 0.01 * i for i in range(37)], dtype=torch.float64)
+    basis, _ = torch.linalg.qr(
+        torch.randn(40, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    )
+    matrix = basis @ torch.diag(spectrum) @ basis.T
+    pairs = lanczos(
+        lambda v: matrix @ v, 40, 3, num_iters=40, tol=1e-6, generator=torch.Generator().manual_seed(1)
+    )
+    assert pairs.converged
+    assert abs(pairs.values[2]) < 1e-6  # the near-zero eigenvalue is among the pairs
+    assert sketch_metrics(pairs, 0.0)["curvature/lanczos_residual"] <= 1e-6
+    floor = math.sqrt(torch.finfo(torch.float64).eps) * float(spectrum.abs().max())
+    assert pairs.residual_floor == pytest.approx(floor, rel=0.5)  # the running ‖H‖ estimate is near 10

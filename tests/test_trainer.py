@@ -560,3 +560,40 @@ def test_each_refresh_differentiates_the_sketch_batch_drawn_for_its_step(tmp_pat
         generator = step_generator(4 + rng.SKETCH_BATCH, step)
         drawn = torch.randperm(len(ids), generator=generator)[: SKETCH["sketch_batch_size"]]
         assert torch.equal(batch, ids[drawn]), step
+
+
+def test_the_run_fractions_of_a_resumed_run_count_the_steps_before_the_checkpoint(tmp_path):
+    """The summary's run fractions are over all 6 steps (redrawn here) after a resume from step 3, and the
+    run's tally holds 6 steps, not the 3 after the resume."""
+    K = SKETCH["num_eigenpairs"]
+    settings = dict(
+        max_steps=6,
+        logging_steps=3,
+        levy_alpha=1.0,
+        levy_clip=1.0,
+        levy_max_noise_ratio=None,
+        save_strategy="steps",
+        save_steps=3,
+    )
+    full = run_levy(tmp_path, name="full", **settings)
+    resumed = run_levy(tmp_path, name="resumed", resume=str(tmp_path / "full" / "checkpoint-3"), **settings)
+    seed = full.args.levy_seed
+
+    def clipped(step):
+        z = sample_symmetric_stable((K,), 1.0, generator=step_generator(seed, step), dtype=torch.float64)
+        return int((z.abs() > 1.0).sum())
+
+    expected = sum(clipped(s) for s in range(6)) / (6 * K)
+    assert resumed.state.log_history[-1]["levy/run_clipped_fraction"] == expected
+    assert sum(clipped(s) for s in range(3, 6)) / (3 * K) != expected  # the resumed part alone differs
+    assert resumed.levy_callback.run.noise_total.steps == 6
+
+
+def test_a_refresh_after_the_last_training_log_appears_in_the_summary(tmp_path):
+    """Refreshes at steps 0, 3 and 6, logs at steps 2, 4 and 6: the refresh at the start of the seventh step
+    comes after the last log, and the end-of-training summary carries it with its sketch step."""
+    trainer = run_levy(tmp_path, max_steps=7, logging_steps=2, sketch_every_n_steps=3)
+    logged = [h["curvature/sketch_step"] for h in trainer.state.log_history if "curvature/sketch_step" in h]
+    assert logged == [0.0, 3.0, 6.0]
+    assert "train_runtime" in trainer.state.log_history[-1]
+    assert trainer.state.log_history[-1]["curvature/sketch_step"] == 6.0
