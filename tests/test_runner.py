@@ -191,10 +191,11 @@ def test_the_flag_lets_the_recipe_model_run_its_code(tmp_path, monkeypatch):
     }
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(data))
+    trusted = load_recipe(recipe, trust_remote_code=True)  # refused at load without it (test_recipe_checks)
     with pytest.raises(RecipeError, match="trust_remote_code"):
-        runner.build_recipe_model(load_recipe(recipe), None, seed=0)
+        runner.build_recipe_model(trusted, None, seed=0)
     with pytest.raises(Interrupted):
-        runner.build_recipe_model(load_recipe(recipe), None, seed=0, trust_remote_code=True)
+        runner.build_recipe_model(trusted, None, seed=0, trust_remote_code=True)
     assert seen == {"location": "x", "trust_remote_code": True}
 
 

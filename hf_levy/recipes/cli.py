@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(build_report(args.run_dir))
             return 0
-        recipe = load_recipe(args.config)
+        recipe = load_recipe(args.config, trust_remote_code=args.trust_remote_code)
         if args.command == "tail-index":
             from hf_levy.recipes.tail_index import tail_index_report
 

@@ -39,6 +39,7 @@ from transformers.hf_argparser import string_to_bool
 
 from hf_levy.config import LevyArguments, LevyConfig, describe_type, fits_type
 from hf_levy.recipes import catalog
+from hf_levy.recipes.recipe_checks import check_model, check_task
 
 TOP_LEVEL_KEYS = {"task", "model", "target", "args", "arms", "seeds"}
 TRAINERS = ("stock", "levy")
@@ -95,8 +96,11 @@ class Recipe:
         return self.path.stem
 
 
-def load_recipe(config: str | pathlib.Path) -> Recipe:
+def load_recipe(config: str | pathlib.Path, *, trust_remote_code: bool = False) -> Recipe:
     """Parse and check a recipe: a file, or the name of a shipped one (:func:`catalog.resolve`).
+
+    Every section is checked here (``task`` and ``model`` by :mod:`hf_levy.recipes.recipe_checks`), and
+    ``model`` keys that would run code (:func:`code_keys`) are refused unless ``trust_remote_code``.
 
     Raises:
         FileNotFoundError: no such file and no shipped recipe of that name.
@@ -120,6 +124,11 @@ def load_recipe(config: str | pathlib.Path) -> Recipe:
             raise RecipeError(f"{path}: '{key}' is missing or empty")
     if "name" not in raw["task"]:
         raise RecipeError(f"{path}: task needs a 'name'")
+    refuse_code(path, raw["model"], trust_remote_code)
+    from hf_levy.recipes.runner import TASKS  # runner imports this module: the task names come at call time
+
+    check_task(path, raw["task"], TASKS)
+    check_model(path, raw["model"])
     if not isinstance(raw.get("args") or {}, dict):
         raise RecipeError(f"{path}: 'args' is a mapping of LevyConfig fields")
     args = _typed_fields(dict(raw.get("args") or {}), f"{path}: args")
@@ -234,6 +243,16 @@ def code_keys(model: dict[str, Any]) -> list[str]:
     return found
 
 
+def refuse_code(path: Any, model: dict[str, Any], trust_remote_code: bool) -> None:
+    """RecipeError when the ``model`` keys would run code (:func:`code_keys`) and the caller did not opt in."""
+    risky = code_keys(model)
+    if risky and not trust_remote_code:
+        raise RecipeError(
+            f"{path}: model {'; '.join(risky)}. Recipes are data, so this runs only when the command "
+            "line opts in: add --trust_remote_code (after reading the code it will run)"
+        )
+
+
 def arm_config(
     recipe: Recipe,
     arm: str,
@@ -250,13 +269,25 @@ def arm_config(
     """
     if arm not in recipe.arms:
         raise RecipeError(f"{recipe.path}: no arm {arm!r}; arms: {sorted(recipe.arms)}")
-    values = {
-        **recipe.args,
-        **recipe.arms[arm].fields,
-        **_typed_fields(overrides or {}, "command line"),
-    }
-    values = {key: train_size if value == FULL_BATCH else value for key, value in values.items()}
-    try:
+    flags = _typed_fields(overrides or {}, "command line")
+
+    def config(*layers: dict[str, Any]) -> LevyConfig:
+        values = {
+            key: train_size if value == FULL_BATCH else value
+            for layer in layers
+            for key, value in layer.items()
+        }
         return LevyConfig(**{**values, "output_dir": output_dir, "seed": seed})
+
+    try:
+        return config(recipe.args, recipe.arms[arm].fields, flags)
     except (ValueError, TypeError) as err:
-        raise RecipeError(f"{recipe.path}: arm {arm!r}: {err}") from err
+        error = err
+    try:  # without the flags: if the recipe alone is valid, the command line is what to fix
+        config(recipe.args, recipe.arms[arm].fields)
+    except (ValueError, TypeError):
+        raise RecipeError(f"{recipe.path}: arm {arm!r}: {error}") from error
+    typed = " ".join(f"--{key} {value}" for key, value in (overrides or {}).items() if key in str(error))
+    raise RecipeError(
+        f"command line: {typed or ' '.join(f'--{k} {v}' for k, v in overrides.items())}: {error}"
+    )

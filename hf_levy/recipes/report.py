@@ -53,7 +53,7 @@ def build_report(run_dir: str | pathlib.Path) -> pathlib.Path:
         raise FileNotFoundError(
             f"{run_dir} holds no recipe.yaml: is it a directory written by `hf-levy compare`?"
         )
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, trust_remote_code=True)  # the report loads no model: nothing runs
     run_info = read_json(run_dir / "run.json")
     name = run_info["recipe"] if isinstance(run_info, dict) else recipe.name
     runs = load_runs(run_dir)

@@ -29,7 +29,7 @@ from hf_levy.recipes.arm_files import (
     write_json,
     write_text,
 )
-from hf_levy.recipes.recipe import Recipe, RecipeError, arm_config, code_keys
+from hf_levy.recipes.recipe import Recipe, RecipeError, arm_config, refuse_code
 from hf_levy.recipes.run_folder import Ranks, own_run_folder
 from hf_levy.recipes.tracker import TargetTracker, summarize
 from hf_levy.trainer import LevyTrainer
@@ -54,7 +54,10 @@ def build_task(recipe: Recipe) -> tasks.Task:
     name = spec.pop("name")
     if name not in TASKS:
         raise RecipeError(f"{recipe.path}: unknown task {name!r}; available: {sorted(TASKS)}")
-    return TASKS[name](**spec)
+    try:
+        return TASKS[name](**spec)
+    except (ValueError, TypeError) as err:  # the builder's own checks of its values
+        raise RecipeError(f"{recipe.path}: task: {err}") from err
 
 
 def build_recipe_model(
@@ -74,12 +77,7 @@ def build_recipe_model(
     """
     import transformers
 
-    risky = code_keys(recipe.model)
-    if risky and not trust_remote_code:
-        raise RecipeError(
-            f"{recipe.path}: model {'; '.join(risky)}. Recipes are data, so this runs only when the command "
-            "line opts in: add --trust_remote_code (after reading the code it will run)"
-        )
+    refuse_code(recipe.path, recipe.model, trust_remote_code)
     spec = dict(recipe.model)
     architecture = spec.pop("architecture", "LlamaForCausalLM")
     pretrained, lora = spec.pop("pretrained", None), spec.pop("lora", None)
