@@ -4,6 +4,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DS_OP := $(VENV)/.deepspeed_op_built
 
 .PHONY: help install test test-fast package-check lint recipe clean
 
@@ -22,9 +23,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -y torchvision || true
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv/ and install hf_levy editable with its dev and recipes extras (torch from the TORCH variable)
+# DeepSpeed's CPU communication op, built once here rather than by the first test or launch that needs it
+# (two such builds at once, or one killed, used to leave the others waiting on torch's build lock).
+$(DS_OP): $(STAMP)
+	DS_ACCELERATOR=cpu $(BIN)/python -m hf_levy.extension_locks
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
+	    get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)"
+	touch $(DS_OP)
 
-test: $(STAMP)  ## install if needed, then run the test suite
+install: $(STAMP) $(DS_OP)  ## create .venv/ and install hf_levy editable with its dev and recipes extras (torch from the TORCH variable)
+
+test: $(STAMP) $(DS_OP)  ## install if needed, then run the test suite
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)  ## the inner loop: every test not marked slow (multi-process, end-to-end, subprocess imports)

@@ -13,6 +13,7 @@ hf-levy report  RUN_DIR
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import shutil
 import sys
@@ -157,6 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(build_report(args.run_dir))
             return 0
+        if args.command in ("train", "compare") and os.environ.get("LOCAL_RANK", "0") == "0":
+            # DeepSpeed's op loads wait forever on a build lock a killed run left: one process per machine
+            # clears those before any rank can reach the op.
+            from hf_levy.extension_locks import clear_stale_build_locks
+
+            clear_stale_build_locks()
         recipe = load_recipe(args.config, trust_remote_code=args.trust_remote_code)
         if args.command == "tail-index":
             from hf_levy.recipes.tail_index import tail_index_report
