@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from hf_levy.recipes import tasks
+from hf_levy.recipes import small_data_tasks, tasks
 from hf_levy.recipes.arm_files import (
     CONFIG,
     SUMMARY,
@@ -42,6 +42,9 @@ TASKS: dict[str, Callable[..., tasks.Task]] = {
     "python_source_bytes": tasks.python_source_bytes,
     "sentiment_templates": tasks.sentiment_templates,
     "hub_causal_lm": tasks.hub_causal_lm,
+    "sparse_parity": small_data_tasks.sparse_parity,
+    "sparse_regression": small_data_tasks.sparse_regression,
+    "noisy_digits": small_data_tasks.noisy_digits,
 }
 
 
