@@ -18,6 +18,8 @@ import numpy as np
 from hf_levy.diagnostics import Row
 
 PLOT_ALPHA_MAX = 3.0
+# The optimizer step a refresh (and its calibration) was computed at, logged with its metrics.
+SKETCH_STEP = "curvature/sketch_step"
 
 
 def make_plots(runs: list[dict[str, Any]], metric: str, folder: pathlib.Path) -> list[pathlib.Path]:
@@ -30,8 +32,14 @@ def make_plots(runs: list[dict[str, Any]], metric: str, folder: pathlib.Path) ->
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
 
-    def series(run: dict[str, Any], key: str) -> tuple[list[float], list[float]]:
-        points = [(h["step"], h[key]) for h in run["history"] if key in h and "step" in h]
+    def series(run: dict[str, Any], key: str, at_sketch: bool) -> tuple[list[float], list[float]]:
+        """(steps, values) of ``key``; with ``at_sketch`` a refresh's metric at the step it was computed at
+        (``curvature/sketch_step``), not at the log that showed it (the next one, or the run's summary)."""
+        points = [
+            (h.get(SKETCH_STEP, h["step"]) if at_sketch else h["step"], h[key])
+            for h in run["history"]
+            if key in h and "step" in h
+        ]
         return [p[0] for p in points], [p[1] for p in points]
 
     def seconds_at(run: dict[str, Any], steps: list[float]) -> list[float]:
@@ -49,11 +57,11 @@ def make_plots(runs: list[dict[str, Any]], metric: str, folder: pathlib.Path) ->
             fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
 
-    def lines(key: str, use_seconds: bool = False):
+    def lines(key: str, use_seconds: bool = False, at_sketch: bool = False):
         def draw(ax) -> bool:
             drawn = False
             for run in runs:
-                x, y = series(run, key)
+                x, y = series(run, key, at_sketch)
                 if not x:
                     continue
                 x = seconds_at(run, x) if use_seconds else x
@@ -87,7 +95,7 @@ def make_plots(runs: list[dict[str, Any]], metric: str, folder: pathlib.Path) ->
         "top Hessian eigenvalue of the sketch",
         "optimizer step",
         "λ_1",
-        lines("curvature/eigenvalue_0"),
+        lines("curvature/eigenvalue_0", at_sketch=True),
     )
     figure("noise_to_grad_ratio", "‖ξ‖ / ‖g‖", "optimizer step", "ratio", lines("levy/noise_to_grad_ratio"))
     figure(
@@ -95,7 +103,7 @@ def make_plots(runs: list[dict[str, Any]], metric: str, folder: pathlib.Path) ->
         "calibration: fitted α along the top eigenvector",
         "optimizer step",
         "α̂",
-        lines("levy/fitted_alpha_0"),
+        lines("levy/fitted_alpha_0", at_sketch=True),
     )
 
     sweep = defaultdict(list)
