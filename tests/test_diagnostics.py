@@ -115,6 +115,38 @@ def test_a_gradient_every_example_shares_cancels_out_of_the_noise():
             assert there[key] == pytest.approx(here[key], rel=1e-6), (key, here, there)
 
 
+def test_the_reference_gradient_weighs_every_example_alike_over_chunks_of_unequal_size(monkeypatch):
+    # 2048 examples in reference chunks of 48 (the largest batch): 42 of 48 and one of 32. The noise of each
+    # mini-batch is its gradient minus the mean gradient over the 2048 examples, here computed in closed form
+    # (the least-squares gradient F^T(Fw - y) per example, averaged), not as a mean of chunk means.
+    import hf_levy.diagnostics as diagnostics
+
+    model, dataset, q = two_directions(1.5)
+    batches, captured = [], {}
+
+    def recording(examples):
+        batches.append(examples)
+        return collate(examples)
+
+    def estimate(b, pooled_MS, projected_MK, *args):
+        captured["projected_MK"] = projected_MK
+        return []
+
+    monkeypatch.setattr(diagnostics, "_estimate", estimate)
+    tail_index_profile(
+        model, dataset, recording, [model.w], [48], num_batches=32, vectors_PK=q, bootstrap=0, progress=False
+    )
+
+    def mean_gradient(examples):
+        w = model.w.detach()
+        return torch.stack([e["features"].T @ (e["features"] @ w - e["targets"]) for e in examples]).mean(0)
+
+    reference = mean_gradient(dataset)
+    expected_MK = torch.stack([q.T @ (mean_gradient(batch) - reference) for batch in batches[-32:]])
+    assert len(batches) == 43 + 32 and len(batches[42]) == 32
+    torch.testing.assert_close(captured["projected_MK"], expected_MK, rtol=0, atol=1e-12)
+
+
 def test_the_intervals_are_the_central_95_percent_of_the_bootstrap_estimates(monkeypatch):
     # The tail-index estimator replaced by a counter: the point estimate reads 0, the 200 bootstrap
     # resamples read 1..200, so a 95% percentile interval is about [5, 196] whatever the quantile rule.

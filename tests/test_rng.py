@@ -66,3 +66,14 @@ def test_seeds_that_differ_only_in_their_high_bits_get_their_own_streams():
         for seed in [7 + 2**bit for bit in range(31)] + [7]
     }
     assert len(firsts) == 32
+
+
+def test_steps_that_differ_only_in_their_high_bits_get_their_own_streams():
+    # A run past step 65,536 must not replay the noise of its first steps: every bit of the step (below 2**32,
+    # further than any run goes) picks its own stream.
+    for step in (0, 5):
+        firsts = {
+            torch.rand(1, generator=step_generator(7, s), dtype=torch.float64).item()
+            for s in [step + 2**bit for bit in range(31)] + [step]
+        }
+        assert len(firsts) == 32, step

@@ -109,6 +109,19 @@ def test_a_state_saved_without_its_attempted_step_takes_the_last_good_one():
     assert (restored.step, restored.attempted) == (4, 4)
 
 
+def test_a_discarded_refresh_after_the_last_good_one_is_restored_as_attempted():
+    # Good refresh at step 4, discarded one at step 7: a resume must wait a period from step 7 (the schedule
+    # reads `attempted`), not retry at once as if step 4 were the last try.
+    A, _ = planted()
+    s = sketch()
+    s.refresh(lambda v: A @ v, 60, step=4)
+    with pytest.warns(UserWarning, match="discarded"):
+        s.refresh(lambda v: A @ v * float("nan"), 60, step=7)
+    restored = sketch()
+    restored.load_state_dict(s.state_dict())
+    assert (restored.step, restored.attempted) == (4, 7)
+
+
 @pytest.mark.parametrize("bad", ["values", "vectors"])
 def test_non_finite_eigenpairs_from_lanczos_are_discarded_and_the_last_good_sketch_kept(monkeypatch, bad):
     # The last guard before the noise: lanczos already raises on a non-finite product, but should a refresh still
