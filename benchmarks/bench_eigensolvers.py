@@ -35,7 +35,8 @@ Methods, all at tol = `--tol` (1e-3) on the same float32 model and batch:
     the same Hessian restarted from its own converged vectors, the best a warm start can do).
 Ground truth: ARPACK `eigsh(k=max K + 4, which='LA', tol=1e-10)` on the exact float64 product of a copy of the
 model that is float64 throughout (`_tiny_llama.float64_copy`: HF keeps RMSNorm and softmax in float32).
-The setup (models, data, training, sketch batch) is `_tiny_llama.trained_setup` (see docs/benchmarks.md).
+The setup (models, data, training, sketch batch) is `_tiny_llama.trained_setup` (see
+docs/research/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Outcome:  two markdown tables.
      rounded weights, so the error is the product's alone).
 The float64 truth runs on a copy with dtype-preserving RMSNorm and softmax (`_tiny_llama.float64_copy`;
 a plain `.double()` Llama keeps them in float32) and the explicit loss `_tiny_llama.lm_loss`.
-The setup (models, data, training) is `_tiny_llama.trained_setup` (see docs/benchmarks.md).
+The setup (models, data, training) is `_tiny_llama.trained_setup` (see docs/research/benchmarks.md).
 """
 
 from __future__ import annotations

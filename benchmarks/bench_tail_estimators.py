@@ -6,7 +6,7 @@ Prints bias/RMSE of α̂ (clipped into [0.5, 2]) over R seeded SαS samples for:
   blocksum  — the block-sum estimator of hf_levy.stable.estimate_tail_index, centre known,
   logmom    — log moments of the samples, centre known (estimate_tail_index_log_moments),
   logmom/mean, logmom/median — the same, centred at the sample mean / median,
-and the relative bias/RMSE of the pairwise scale. Expected outcome: the table in docs/benchmarks.md,
+and the relative bias/RMSE of the pairwise scale. Expected outcome: the table in docs/research/benchmarks.md,
 "Tail-index estimators".
 """
 

@@ -15,7 +15,7 @@ E log|D| = γ(1/α − 1) + log(2^{1/α}c), γ Euler's constant (:func:`hf_levy.
 The pairs form a U-statistic, which averages out much of the sampling noise of log|X|: at M ≤ 512 it is
 more accurate than the block-sum estimator (Mohammadi et al. 2015: only √M blocks) and than log moments of
 the samples even with their centre known, and it needs no centre, whose estimate (mean or median) would
-bias α̂ (docs/benchmarks.md, "Tail-index estimators").
+bias α̂ (docs/research/benchmarks.md, "Tail-index estimators").
 
 Legend: P parameters (flat length), K eigenvectors (directions), M micro-batches.
 """
@@ -47,7 +47,7 @@ from hf_levy.stable import alpha_from_log_moments, scale_from_log_moments
 # sampler overflows float32 ever more often, and any α ≤ 1 already means nothing is injected
 # (see injected_scale): the floor only keeps such fits from producing absurd scales.
 ALPHA_RANGE = (0.5, 2.0)
-# Below 32 micro-batches the α̂ RMSE exceeds 0.3 (docs/benchmarks.md, "Tail-index estimators").
+# Below 32 micro-batches the α̂ RMSE exceeds 0.3 (docs/research/benchmarks.md, "Tail-index estimators").
 MIN_MICROBATCHES = 32
 _PAIR_CHUNK = 1 << 22  # elements of the (rows, M, K) difference block held at once
 # Pairs closer than this fraction of the column's spread (median absolute deviation) are ties: a micro-batch

@@ -4,7 +4,7 @@ H = ∇²_θ L(θ; batch) over the parameters θ = ``params`` (flattened in the 
 
 * ``autograd``: exact, Pearlmutter's double backward: g = ∇L built once with ``create_graph=True``,
   then H v = ∇(gᵀv), reusing the first-order graph for every product: a product then costs one
-  backward through it instead of a forward and two backwards (docs/benchmarks.md gives the costs).
+  backward through it instead of a forward and two backwards (docs/research/benchmarks.md gives the costs).
 * ``finite_difference``: H v ≈ (∇L(θ + εv) − ∇L(θ − εv)) / 2ε, two ordinary gradients, so it works
   wherever forward/backward works (fused attention kernels, FSDP). Truncation error O(ε²‖∇³L‖),
   rounding error O(u‖∇L‖/ε) with u the unit roundoff; the default step balances the two (see
@@ -133,9 +133,9 @@ def finite_difference_step(params: Sequence[Tensor], dtype: torch.dtype | None =
     u is the unit roundoff of ``dtype`` (default: the parameters'); u^(1/3) is the classical balance of the
     O(ε²) truncation and O(u/ε) rounding errors of a central difference for O(1) quantities, and
     (1 + ‖θ‖)/√P ≈ 1 + RMS(θ) scales it to the parameters' typical size. It is an empirical compromise
-    (docs/benchmarks.md): in float32 the product is within 1e-3 along top eigenvectors, where the sketch's
-    Krylov vectors go, but only within 1e-2 to 8e-2 along random directions at P ≈ 1M; Lanczos eigenvalues
-    on it were within 2e-4. For a vector of norm r the step is ε / r. ‖θ‖ and P are global (summed over
+    (docs/research/benchmarks.md): in float32 the product is within 1e-3 along top eigenvectors, where the
+    sketch's Krylov vectors go, but only within 1e-2 to 8e-2 along random directions at P ≈ 1M; Lanczos
+    eigenvalues on it were within 2e-4. For a vector of norm r the step is ε / r. ‖θ‖ and P are global (summed over
     ranks) for sharded parameters. Products need float32 (or float64) arithmetic: bf16 weights cannot hold
     θ ± εv, and bf16 autocast leaves errors of 37-59% along the top eigenvector at any step.
     """

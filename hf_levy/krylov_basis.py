@@ -20,7 +20,7 @@ from torch import Tensor
 
 ACCELERATOR_BLOCK_ROWS = 8
 # Float64 accumulation casts this many basis entries at a time, so the scratch stays in cache: casting the
-# whole basis at once is an order of magnitude slower (docs/benchmarks.md, "Constants").
+# whole basis at once is an order of magnitude slower (docs/research/benchmarks.md, "Constants").
 _CHUNK_NUMEL = 1 << 19
 # On an accelerator, chunks this large keep kernel launches few (at billions of parameters, launching small
 # chunks would dominate) while the float64 scratch stays at 1 GB; every chunked operand also stays far below
@@ -37,7 +37,7 @@ def local_inner(a_XP: Tensor, b_YP: Tensor) -> Tensor:
     """a_XP @ b_YP.T accumulated in float64, shape (X, Y).
 
     Float64 because float32 sums over ~1M entries put errors of order 1e-5 into the Ritz values and the basis's
-    orthogonality, even with diag and norms in float64 (docs/benchmarks.md, "Constants").
+    orthogonality, even with diag and norms in float64 (docs/research/benchmarks.md, "Constants").
     """
     if a_XP.dtype == torch.float64:
         return a_XP @ b_YP.T

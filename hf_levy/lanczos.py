@@ -19,7 +19,7 @@ __all__ = ["Eigenpairs", "lanczos"]
 
 # Block warm start: unit combination of the block's columns + this weight x a unit random vector. The random
 # part finds a top eigenvector the block lacks, which no breakdown would reveal: 0.03 is 3x the smallest weight
-# that always found it, for at most one more product (docs/benchmarks.md, "Constants").
+# that always found it, for at most one more product (docs/research/benchmarks.md, "Constants").
 _WARM_START_RANDOM_WEIGHT = 0.03
 # Offdiag below eps(dtype)**this x the running ||H|| estimate is rounding error (float32: 2.4e-5, above the
 # ~1e-6 noise of CGS2 and of float32 HVPs; float64: 3.7e-11): the Krylov space is invariant.
