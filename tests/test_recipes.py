@@ -163,3 +163,28 @@ def test_target_tracker_counts_training_seconds_without_the_evaluations(monkeypa
     state.global_step, state.epoch = 7, 1.5
     tracker.on_evaluate(None, state, None, metrics={"eval_accuracy": 0.95, "eval_runtime": 3.0})
     assert tracker.reached == {"step": 7, "epoch": 1.5, "seconds": 16.0, "value": 0.95}
+
+
+def test_target_tracker_keeps_the_first_evaluation_at_the_target_when_training_goes_on():
+    # stop: false trains on past the target: steps to target are those of the first evaluation that reached it.
+    tracker = runner.TargetTracker(Target(metric="eval_loss", value=0.5, stop=False, greater_is_better=False))
+    control = types.SimpleNamespace(should_training_stop=False)
+    for step, loss in ((5, 0.9), (10, 0.5), (15, 0.3), (20, 0.7)):
+        state = types.SimpleNamespace(global_step=step, epoch=step / 5)
+        tracker.on_evaluate(None, state, control, metrics={"eval_loss": loss})
+    assert (tracker.reached["step"], tracker.reached["value"]) == (10, 0.5)
+    assert not control.should_training_stop
+
+
+@pytest.mark.parametrize(("train_size", "expected"), [(100, 3 * 4), (10, 10)])
+def test_the_summary_batch_is_the_examples_of_an_optimizer_step_with_gradient_accumulation(
+    tmp_path, train_size, expected
+):
+    # Micro-batches of 3, 4 of them a step, one process: 12 examples a step, or the whole set when it is smaller.
+    config = LevyConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=3, gradient_accumulation_steps=4, use_cpu=True
+    )
+    recipe = types.SimpleNamespace(target=Target(), arms={"stock": types.SimpleNamespace(trainer="stock")})
+    tracker = runner.TargetTracker(recipe.target)
+    summary = tracker_module.summarize(recipe, "stock", 0, config, [], tracker, {}, train_size)
+    assert summary["global_batch_size"] == expected
