@@ -116,3 +116,55 @@ def test_calibrated_arms_table_lists_k_steps_ratio_and_variance_share():
     assert "| stock_small | 128 | — | — | 1/1 | 800 | — | — |" in lines
     assert "| calibrated_k16 | 1044 | 128 | 16 | 1/2 | 1200, — | 0.3 ± 0.14 | 0.3 ± 0 |" in lines
     assert calibrated_arms([summary("stock_small", "stock", 128, 800, 0.95)]) == []
+
+
+def seeds(arm, trainer, batch, steps_per_seed, final=0.9):
+    return [summary(arm, trainer, batch, x, final, seed=i) for i, x in enumerate(steps_per_seed)]
+
+
+def test_an_arm_where_only_some_seeds_reached_the_target_is_not_reached():
+    # Stock missed on seed 1 (ran 500 steps): not "reached in 400 steps", and no ratio of the seeds that did.
+    text = verdict([*seeds("levy", "levy", 1000, [200, 210]), *seeds("full", "stock", 1000, [400, None])],
+                   "eval_accuracy", 0.95)  # fmt: skip
+    assert (
+        "the stock Trainer (full) did not reach eval_accuracy ≥ 0.95 in 1 of 2 seeds (up to 500 steps)"
+        in text
+    )
+    assert "LevyTrainer needed fewer steps than stock at the same batch size on every seed" in text
+    assert "2.00x (seed 0), >2.38x (seed 1)" in text and "x fewer" not in text
+    # LevyTrainer missed on seed 1, where stock reached the target: faster on one seed, slower on the other.
+    text = verdict([*seeds("levy", "levy", 1000, [200, None]), *seeds("full", "stock", 1000, [400, 400])],
+                   "eval_accuracy", 0.95)  # fmt: skip
+    assert "LevyTrainer (levy) did not reach eval_accuracy ≥ 0.95 in 1 of 2 seeds" in text
+    assert "No every-seed difference in steps" in text and "2.00x (seed 0), <0.80x (seed 1)" in text
+
+
+def test_fewer_steps_are_claimed_only_when_every_seed_agrees_and_the_factor_is_the_median_ratio():
+    stock = seeds("full", "stock", 1000, [400, 400, 400])
+    # Ratios 2, 1.33 and 0.8: the means (333 vs 400) would say 1.2x fewer; seed 2 says more.
+    text = verdict([*seeds("levy", "levy", 1000, [200, 300, 500]), *stock], "eval_accuracy", 0.95)
+    assert "fewer steps" not in text and "more steps" not in text
+    assert "per seed: 2.00x (seed 0), 1.33x (seed 1), 0.80x (seed 2)" in text
+    # Ratios 2, 1.6 and 4, every one above 1: the median ratio is 2 (the means would say 2.18x).
+    text = verdict([*seeds("levy", "levy", 1000, [200, 250, 100]), *stock], "eval_accuracy", 0.95)
+    assert (
+        "LevyTrainer needed 2.00x fewer steps than stock at the same batch size (median; fewer on every seed"
+        in text
+    )
+    assert "reached eval_accuracy ≥ 0.95 on every seed, in 200 steps (median; seeds: 200, 250, 100)" in text
+
+
+def test_a_learning_rate_grid_counts_as_its_best_point_by_median_steps():
+    # Medians 3100, 1000 and >500 (seed 0 missed): the x1 point is the small-batch target.
+    runs = [
+        *seeds("levy", "levy", 1000, [500, 500]),
+        *seeds("full", "stock", 1000, [900, 900]),
+        *seeds("small_lr_x0_5", "stock", 64, [3000, 3200]),
+        *seeds("small_lr_x1", "stock", 64, [900, 1100]),
+        *seeds("small_lr_x2", "stock", 64, [None, 800]),
+    ]
+    text = verdict(runs, "eval_accuracy", 0.95)
+    assert (
+        "The small-batch stock arm (small_lr_x1, batch 64; the best of the learning-rate grid small_lr_x0_5, "
+        "small_lr_x1, small_lr_x2 by median steps) reached eval_accuracy ≥ 0.95 on every seed, in 1000 steps"
+    ) in text

@@ -17,6 +17,15 @@ from typing import Any
 from hf_levy.recipes.arm_files import read_json, write_text
 from hf_levy.recipes.plots import make_plots
 from hf_levy.recipes.recipe import load_recipe
+from hf_levy.recipes.seed_rule import (
+    by_arm,
+    lr_grids,
+    median_steps_text,
+    relation,
+    relation_sentence,
+    steps_text,
+    without_grid_losers,
+)
 
 REPORT = "report.md"
 RUN_FILES = {"summary": "summary", "history": "log_history", "timeline": "timeline"}
@@ -120,13 +129,6 @@ def _mean_std(values: list[float]) -> str:
 def _values(group: list[dict[str, Any]], key: str) -> list[Any]:
     """The non-missing values of ``key`` over a group of summaries."""
     return [s[key] for s in group if s.get(key) is not None]
-
-
-def by_arm(summaries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for s in summaries:
-        groups[s["arm"]].append(s)
-    return groups
 
 
 def arm_table(summaries: list[dict[str, Any]]) -> list[str]:
@@ -304,10 +306,14 @@ def seed_table(summaries: list[dict[str, Any]]) -> list[str]:
 def verdict(
     summaries: list[dict[str, Any]], metric: str, target: float, greater_is_better: bool = True
 ) -> str:
-    """One paragraph comparing the main LevyTrainer arm with the stock arms, computed from the summaries."""
+    """One paragraph comparing the main LevyTrainer arm with the stock arms, computed from the summaries.
+
+    Step counts compare seed by seed (:mod:`hf_levy.recipes.seed_rule`): "X× fewer steps" only when every
+    seed agrees, the per-seed ratios otherwise. A learning-rate grid of stock arms counts as its best point.
+    """
     groups = by_arm(summaries)
     stock = sorted(
-        (a for a, g in groups.items() if g[0]["trainer"] == "stock"),
+        without_grid_losers(groups, [a for a, g in groups.items() if g[0]["trainer"] == "stock"]),
         key=lambda a: groups[a][0]["global_batch_size"],
     )
     levy = [
@@ -320,41 +326,42 @@ def verdict(
     large, small, main = stock[-1], stock[0], levy[0]
     reach = f"{metric} {'≥' if greater_is_better else '≤'} {target}"
 
-    def steps(arm: str) -> tuple[float | None, str]:
+    def steps(arm: str) -> str:
         group = groups[arm]
-        hit = [s["steps_to_target"] for s in group if s["steps_to_target"] is not None]
-        if len(hit) < len(group):
+        missed = sum(s["steps_to_target"] is None for s in group)
+        if missed:
             most = max(s["steps"] for s in group)
-            return (
-                None,
-                f"did not reach {reach} in {len(group) - len(hit)} of {len(group)} seeds (up to {most} steps)",
-            )
-        spread = f" (seeds: {', '.join(str(h) for h in hit)})" if len(hit) > 1 else ""
-        return statistics.mean(hit), f"reached {reach} in {statistics.mean(hit):.0f} steps{spread}"
+            return f"did not reach {reach} in {missed} of {len(group)} seeds (up to {most} steps)"
+        if len(group) == 1:
+            return f"reached {reach} in {group[0]['steps_to_target']} steps"
+        seeds = ", ".join(steps_text(s) for s in group)
+        return f"reached {reach} on every seed, in {median_steps_text(group)} steps (median; seeds: {seeds})"
 
     def cost(arm: str, key: str) -> float | None:
         values = [s[key] for s in groups[arm] if s[key] is not None]
         return statistics.mean(values) if len(values) == len(groups[arm]) else None
 
-    main_steps, main_text = steps(main)
-    large_steps, large_text = steps(large)
+    def reached_all(arm: str) -> bool | None:
+        hits = [s["steps_to_target"] is not None for s in groups[arm]]
+        return True if all(hits) else False if not any(hits) else None
+
     sentences = [
-        f"At batch {groups[main][0]['global_batch_size']}, LevyTrainer ({main}) {main_text}; the stock Trainer ({large}) {large_text}."
+        f"At batch {groups[main][0]['global_batch_size']}, LevyTrainer ({main}) {steps(main)}; the stock "
+        f"Trainer ({large}) {steps(large)}."
     ]
-    if main_steps is not None and large_steps is not None:
-        ratio = large_steps / main_steps
-        word = "fewer" if ratio > 1 else "more"
-        sentences.append(
-            f"LevyTrainer needed {max(ratio, 1 / ratio):.2f}x {word} steps than stock at the same batch size."
-        )
-    elif main_steps is not None:
+    if reached_all(main) is True and reached_all(large) is False:
         sentences.append("LevyTrainer reached the target and stock did not.")
-    elif large_steps is not None:
+    elif reached_all(main) is False and reached_all(large) is True:
         sentences.append("Stock reached the target and LevyTrainer did not.")
+    else:
+        rel = relation(groups[main], groups[large])
+        sentences.append(relation_sentence("LevyTrainer", "stock at the same batch size", rel))
     if small != large:
-        _, small_text = steps(small)
+        grid = next((m for m in lr_grids(list(groups)).values() if small in m), None)
+        picked = f"; the best of the learning-rate grid {', '.join(grid)} by median steps" if grid else ""
         sentences.append(
-            f"The small-batch stock arm ({small}, batch {groups[small][0]['global_batch_size']}) {small_text}."
+            f"The small-batch stock arm ({small}, batch {groups[small][0]['global_batch_size']}{picked}) "
+            f"{steps(small)}."
         )
         for key, unit in (("epochs_to_target", "epochs"), ("seconds_to_target", "s")):
             a, b = cost(small, key), cost(main, key)
