@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DS_OP := $(VENV)/.deepspeed_op_built
 
-.PHONY: help install test test-fast package-check lint recipe clean
+.PHONY: help install test test-fast package-check lint docs recipe clean
 
 # a shipped recipe's name (hf-levy ls) or a recipe YAML file
 RECIPE ?= modular_addition
@@ -45,9 +45,13 @@ package-check: $(STAMP)  ## build the sdist and wheel, install the wheel alone i
 recipe: $(STAMP)  ## train the default recipe's arms (stock Trainer vs LevyTrainer) and write the report
 	OMP_NUM_THREADS=1 $(BIN)/hf-levy compare --config $(RECIPE)
 
-lint: $(STAMP)  ## run ruff on the package, tests, benchmarks and examples
-	$(BIN)/ruff check hf_levy tests benchmarks examples
-	$(BIN)/ruff format --check hf_levy tests benchmarks examples
+lint: $(STAMP)  ## run ruff on the package, tests, benchmarks, examples and the docs builder
+	$(BIN)/ruff check hf_levy tests benchmarks examples docs
+	$(BIN)/ruff format --check hf_levy tests benchmarks examples docs
+
+docs: $(STAMP)  ## build the API reference from the docstrings (pdoc) into site/api/; a pdoc warning fails it
+	rm -rf site/api
+	OMP_NUM_THREADS=1 $(BIN)/python docs/build_api.py --output site/api
 
 clean:  ## remove the virtual environment and caches
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info site

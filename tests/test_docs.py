@@ -1,7 +1,9 @@
-"""The documentation agrees with the code and with itself: the field table of docs/usage.md lists every
-LevyArguments field with its declared default and nothing else, every relative link in the README and
-docs/ reaches a file (and a heading, when it names one), and the quickstart's example is the README's,
-which tests/test_readme.py runs."""
+"""The documentation agrees with the code and with itself.
+
+The field table of docs/usage.md lists every LevyArguments field with its declared default and nothing
+else, every relative link in the README and docs/ reaches a file (and a heading, when it names one), and
+the quickstart's example is the README's, which tests/test_readme.py runs.
+"""
 
 from __future__ import annotations
 
