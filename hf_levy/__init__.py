@@ -2,6 +2,7 @@
 
 from hf_levy.hvp import DoubleBackwardError, make_hvp
 from hf_levy.lanczos import Eigenpairs, lanczos
+from hf_levy.noise_scale import NoiseScaleEstimate, gradient_noise_scale
 from hf_levy.params import trainable_parameters
 from hf_levy.stable import (
     estimate_stable_scale,
@@ -36,9 +37,11 @@ __all__ = [
     "LevyCallback",
     "LevyConfig",
     "LevyTrainer",
+    "NoiseScaleEstimate",
     "estimate_stable_scale",
     "estimate_tail_index",
     "estimate_tail_index_log_moments",
+    "gradient_noise_scale",
     "lanczos",
     "make_hvp",
     "sample_symmetric_stable",

@@ -41,9 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hf_levy.hvp import LossFn, loss_gradient
 from hf_levy.params import is_sharded, num_elements, rank_and_world, sum_over_ranks, trainable_parameters
-from hf_levy.rng import step_generator
-
-DRAWS, BOOTSTRAP = 0x6A5, 0x6A6  # random streams (seed offsets, as in hf_levy.rng): examples, resamples
+from hf_levy.rng import NOISE_SCALE_BOOTSTRAP, NOISE_SCALE_DRAWS, step_generator
 
 
 def two_batch_estimates(
@@ -198,13 +196,15 @@ def gradient_noise_scale(
     The loss of a batch must be the mean of its examples' losses (``model(**collate_fn(examples)).loss``
     unless ``loss_fn(model, batch)``; a token-mean LM loss weights examples by their token counts), taken as :func:`hf_levy.loss_gradient` takes it: eval mode (dropout
     off), the model's modes, ``.grad`` and the global RNG left as they were. Under torch.distributed with
-    replicated parameters (pass the DDP module or the model inside it) every rank must pass the same
-    arguments: each batch is split across ranks, their gradient sums all-reduced, and all ranks return the
-    same estimate. Cost per draw: the gradient of B examples, in two parts (b, then B − b).
+    replicated parameters (pass the DDP module or the model inside it) or FSDP-sharded ones, every rank must
+    pass the same arguments: each batch is split across ranks, and all ranks return the same estimate (DDP:
+    the ranks' gradient sums are all-reduced; FSDP: each rank's loss is weighted by its share, so the
+    backward's average is the batch's sum, and the squared norms of the pieces are summed over ranks). Cost
+    per draw: the gradient of B examples, in two parts (b, then B − b).
 
     Raises:
         ValueError: bad sizes (need 1 <= small < big), num_draws < 1, num_bootstrap < 0, level outside (0, 1),
-            an empty dataset, or FSDP-sharded parameters.
+            an empty dataset, or DeepSpeed ZeRO-3 parameters.
     """
     two_batch_estimates(0.0, small_batch_size, 0.0, big_batch_size)  # validates the sizes
     if num_draws < 1:
@@ -218,31 +218,46 @@ def gradient_noise_scale(
     if isinstance(model, DistributedDataParallel):
         model = model.module  # its hooks expect .backward(); the gradient sums are all-reduced here instead
     params = trainable_parameters(model)
-    if any(is_sharded(p) for p in params):
+    if any(hasattr(p, "ds_id") for p in params):
         raise ValueError(
-            "gradient_noise_scale needs replicated parameters (one process or DDP), got FSDP-sharded ones: "
-            "measure the unsharded model on one process"
+            "gradient_noise_scale does not run under DeepSpeed ZeRO stage 3 (its parameters are partitioned "
+            "outside autograd's reach): measure the model on one process, under DDP or under FSDP"
         )
+    sharded = any(is_sharded(p) for p in params)
     rank, world = rank_and_world()
     dtype = torch.promote_types(params[0].dtype, torch.float32)  # sums of bf16 gradients lose too much
 
     def gradient_sum(indices: Tensor) -> Tensor:
-        """Σ over this rank's share of ``indices`` of the examples' gradients (zeros for an empty share)."""
-        if len(indices) == 0:
+        """Σ over ``indices`` of the examples' gradients: replicated, this rank's share of it (zeros for an
+        empty share; summed over ranks below); FSDP-sharded, this rank's piece of the whole sum."""
+        mine = indices[rank::world]
+        if sharded:
+            # FSDP's backward averages the ranks' gradients, so each rank weighs its mean loss by world × its
+            # share's size; every rank must join the backward, a rank without a share on a zero-weighted example.
+            weight = float(len(mine) * world)
+            batch = collate_fn([dataset[int(i)] for i in (mine if len(mine) else indices[:1])])
+            return loss_gradient(model, batch, params, loss_fn=_weighted(loss_fn, weight)).to(dtype)
+        if len(mine) == 0:
             return torch.zeros(num_elements(params), dtype=dtype, device=params[0].device)
-        batch = collate_fn([dataset[int(i)] for i in indices])
-        return loss_gradient(model, batch, params, loss_fn=loss_fn).to(dtype).mul_(len(indices))
+        batch = collate_fn([dataset[int(i)] for i in mine])
+        return loss_gradient(model, batch, params, loss_fn=loss_fn).to(dtype).mul_(len(mine))
 
     norms_D2 = torch.empty(num_draws, 2, dtype=torch.float64)
     for draw in range(num_draws):
-        picks = torch.randint(len(dataset), (big_batch_size,), generator=step_generator(seed + DRAWS, draw))
-        parts = (picks[:small_batch_size], picks[small_batch_size:])
-        sums_2P = torch.stack([gradient_sum(part[rank::world]) for part in parts])
-        if world > 1:
+        picks = torch.randint(
+            len(dataset), (big_batch_size,), generator=step_generator(seed + NOISE_SCALE_DRAWS, draw)
+        )
+        sums_2P = torch.stack(
+            [gradient_sum(picks[:small_batch_size]), gradient_sum(picks[small_batch_size:])]
+        )
+        if world > 1 and not sharded:
             sum_over_ranks(sums_2P)
         small_P = sums_2P[0].double() / small_batch_size
         big_P = sums_2P.double().sum(0) / big_batch_size
-        norms_D2[draw] = torch.stack([small_P.square().sum(), big_P.square().sum()]).cpu()
+        squares_2 = torch.stack([small_P.square().sum(), big_P.square().sum()])
+        if sharded:  # a sharded vector's squared norm: the sum of the pieces' squared norms
+            sum_over_ranks(squares_2)
+        norms_D2[draw] = squares_2.cpu()
 
     square_norm_D, trace_D = two_batch_estimates(
         norms_D2[:, 0], small_batch_size, norms_D2[:, 1], big_batch_size
@@ -251,7 +266,7 @@ def gradient_noise_scale(
     low = high = math.nan
     if num_bootstrap:
         resample_RD = torch.randint(
-            num_draws, (num_bootstrap, num_draws), generator=step_generator(seed + BOOTSTRAP, 0)
+            num_draws, (num_bootstrap, num_draws), generator=step_generator(seed + NOISE_SCALE_BOOTSTRAP, 0)
         )
         trace_R = trace_D[resample_RD].mean(1).tolist()
         square_norm_R = square_norm_D[resample_RD].mean(1).tolist()
@@ -270,3 +285,15 @@ def gradient_noise_scale(
         small_square_norms_D=norms_D2[:, 0].clone(),
         big_square_norms_D=norms_D2[:, 1].clone(),
     )
+
+
+def _weighted(loss_fn: LossFn | None, weight: float) -> LossFn:
+    """``weight`` × the loss that ``loss_fn`` (default ``model(**batch).loss``) gives."""
+
+    def weighted(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
+        if loss_fn is not None:
+            return loss_fn(model, batch) * weight
+        output = model(**batch)
+        return (output["loss"] if isinstance(output, Mapping) else output.loss) * weight
+
+    return weighted

@@ -17,6 +17,8 @@ LANCZOS_START = 0x5EED  # the random part of the Lanczos start vector
 ISOTROPIC = 0x150  # the coordinates of the isotropic ablation (+ rank + 1 under FSDP)
 CALIBRATION = 0xCA1  # the micro-batches of the virtual-batch calibration
 MINIBATCH = 0x5B5  # which examples of a step's batch form the sub-batch of the 'minibatch' noise
+# hf_levy.gradient_noise_scale: the examples of each pair of batches, the bootstrap resamples of the pairs
+NOISE_SCALE_DRAWS, NOISE_SCALE_BOOTSTRAP = 0x6A5, 0x6A6
 # hf-levy tail-index: mini-batches of size b use (seed, b); these streams the rest
 TAIL_REFERENCE, TAIL_COORDINATE, TAIL_BOOTSTRAP = 0x4EF, 0xC00D, 0xB007
 

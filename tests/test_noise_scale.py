@@ -311,17 +311,21 @@ def test_interval_covers_the_exact_value_at_about_its_level_and_is_as_wide_as_th
 
 
 @pytest.mark.slow
-def test_two_ddp_ranks_return_the_single_process_estimate_for_the_same_draws(tmp_path):
+def test_two_ddp_ranks_and_two_fsdp_ranks_return_the_single_process_estimate_for_the_same_draws(tmp_path):
+    """Uneven shares included: 3 of 8 examples split 2 + 1, and a 1-example small batch leaves the second
+    rank without a share (under FSDP it joins the backward on a zero-weighted example)."""
     from test_distributed import torchrun
 
     ranks = torchrun(tmp_path, script=pathlib.Path(__file__).parent / "distributed" / "noise_scale_ddp.py")
     assert [r["world_size"] for r in ranks] == [2, 2]
-    for case, ddp, other_rank in zip(CASES, ranks[0]["estimates"], ranks[1]["estimates"], strict=True):
-        single = estimate(Regression(), *case).__dict__
-        assert other_rank.keys() == ddp.keys() == single.keys()
-        for key, value in single.items():
-            assert torch.equal(torch.as_tensor(other_rank[key]), torch.as_tensor(ddp[key])), (case, key)
-            if isinstance(value, torch.Tensor):
-                torch.testing.assert_close(ddp[key], value, rtol=1e-12, atol=0, msg=f"{case} {key}")
-            else:
-                assert ddp[key] == pytest.approx(value, rel=1e-12), (case, key)
+    for engine in ("estimates", "fsdp_estimates"):
+        for case, ddp, other_rank in zip(CASES, ranks[0][engine], ranks[1][engine], strict=True):
+            single = estimate(Regression(), *case).__dict__
+            assert other_rank.keys() == ddp.keys() == single.keys()
+            for key, value in single.items():
+                where = (engine, case, key)
+                assert torch.equal(torch.as_tensor(other_rank[key]), torch.as_tensor(ddp[key])), where
+                if isinstance(value, torch.Tensor):
+                    torch.testing.assert_close(ddp[key], value, rtol=1e-12, atol=0, msg=str(where))
+                else:
+                    assert ddp[key] == pytest.approx(value, rel=1e-12), where

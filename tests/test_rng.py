@@ -18,6 +18,8 @@ STREAMS = {
         "TAIL_REFERENCE",
         "TAIL_COORDINATE",
         "TAIL_BOOTSTRAP",
+        "NOISE_SCALE_DRAWS",
+        "NOISE_SCALE_BOOTSTRAP",
     )
 }
 

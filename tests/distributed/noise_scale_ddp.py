@@ -2,7 +2,8 @@
 
 Imported by tests/test_noise_scale.py (one process) and run there under `torchrun --nproc_per_node 2` (gloo):
 ``--out DIR`` writes ``rank{r}.pt`` with the estimates of :data:`CASES` (the model wrapped in DDP for the
-last one), each batch split across the ranks.
+last one), each batch split across the ranks, and those of a copy sharded by FSDP2 (``fully_shard``: its three
+weights split 2 + 1 over the ranks).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 from hf_levy.noise_scale import gradient_noise_scale
 
@@ -72,8 +75,14 @@ def main(argv: list[str]) -> None:
     model = Regression()
     results = [estimate(model, *case) for case in CASES[:-1]]
     results.append(estimate(torch.nn.parallel.DistributedDataParallel(model), *CASES[-1]))
+    sharded = fully_shard(Regression(), mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    fsdp = [estimate(sharded, *case) for case in CASES]
     torch.save(
-        {"world_size": dist.get_world_size(), "estimates": [r.__dict__ for r in results]},
+        {
+            "world_size": dist.get_world_size(),
+            "estimates": [r.__dict__ for r in results],
+            "fsdp_estimates": [r.__dict__ for r in fsdp],
+        },
         os.path.join(cli.out, f"rank{dist.get_rank()}.pt"),
     )
     dist.destroy_process_group()
