@@ -15,6 +15,7 @@ from collections import defaultdict
 from typing import Any
 
 from hf_levy.recipes.arm_files import read_json, write_text
+from hf_levy.recipes.batch_gap import batch_gap_section
 from hf_levy.recipes.plots import make_plots
 from hf_levy.recipes.recipe import load_recipe
 from hf_levy.recipes.seed_rule import (
@@ -93,6 +94,7 @@ def build_report(run_dir: str | pathlib.Path) -> pathlib.Path:
         "of the α-stable draws that `levy_clip` cut.",
         "",
         *capped_warning(summaries),
+        *batch_gap_section(runs),
         *alpha_study(summaries),
         *calibrated_arms(summaries),
         *overrides_section(summaries),
