@@ -37,7 +37,7 @@ from hf_levy.callback_wiring import checkpoint_folder, install_first, move_to_fr
 from hf_levy.config import LevyArguments
 from hf_levy.hvp import DoubleBackwardError, LossFn
 from hf_levy.levy_state import load_levy_state, save_levy_state
-from hf_levy.noise_step import add_minibatch_noise, add_step_noise
+from hf_levy.noise_step import add_minibatch_noise, add_step_noise, measure_noise_scale
 from hf_levy.params import rank_and_world
 from hf_levy.progress import counted, sketch_progress
 from hf_levy.run_state import MINIBATCH_BASES, LevyRun, start_run
@@ -99,8 +99,14 @@ class LevyCallback(TrainerCallback):
         self._saved_step = step
 
     def _step_batches(self, batches: list[Any]) -> None:
-        """attach's hook when the Trainer has drawn an optimizer step's micro-batches ('minibatch' bases)."""
-        if self.run is not None and self.levy.levy_noise_basis in MINIBATCH_BASES:
+        """attach's hook when the Trainer has drawn an optimizer step's micro-batches.
+
+        The 'minibatch' bases and the noise scale's extra gradient draw their sub-batch from them.
+        """
+        subbatch = (
+            self.levy.levy_noise_basis in MINIBATCH_BASES or self.levy.gradient_noise_scale_every_n_steps
+        )
+        if self.run is not None and subbatch:
             self.run.step_batches = list(batches)
 
     def _clipped(self, pre_clip_norm: Any) -> None:
@@ -162,6 +168,12 @@ class LevyCallback(TrainerCallback):
                 f"levy_noise_basis={self.levy.levy_noise_basis!r} draws its sub-batch from each optimizer "
                 "step's batch, which the Trainer hands to no callback: use hf_levy.LevyTrainer or "
                 "LevyCallback(...).attach(trainer) instead of callbacks=[...] or add_callback"
+            )
+        if self.levy.gradient_noise_scale_every_n_steps and not self._attached:
+            raise ValueError(
+                f"gradient_noise_scale_every_n_steps={self.levy.gradient_noise_scale_every_n_steps} draws its "
+                "sub-batch from each optimizer step's batch, which the Trainer hands to no callback: use "
+                "hf_levy.LevyTrainer or LevyCallback(...).attach(trainer), or set it to 0"
             )
         if self.levy.levy_virtual_batch_size is not None and not self._attached and args.max_grad_norm:
             raise ValueError(
@@ -244,15 +256,22 @@ class LevyCallback(TrainerCallback):
         run.sketch_metrics["curvature/sketch_seconds"] = run.schedule.refresh_seconds
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        run, basis = self.run, self.levy.levy_noise_basis
-        if self.levy.levy_scale == 0 or isinstance(run.space, ZeroSpace):
+        run, levy, step = self.run, self.levy, state.global_step
+        if isinstance(run.space, ZeroSpace):
             run.step_batches = []
             return
-        if basis == "minibatch" or (basis == "minibatch_topk" and run.sketch.ready):
-            if add_minibatch_noise(run, self.levy, state.global_step, self._pre_clip_norm, self.loss_fn):
+        every = levy.gradient_noise_scale_every_n_steps
+        free = levy.levy_scale != 0 and levy.levy_noise_basis in MINIBATCH_BASES  # g_b is computed anyway
+        if every and not free and step % every == 0:  # before ξ: ‖g‖ is the step's own gradient's
+            measure_noise_scale(run, levy, step, self._pre_clip_norm, self.loss_fn)
+        basis = levy.levy_noise_basis
+        if levy.levy_scale != 0 and (
+            basis == "minibatch" or (basis == "minibatch_topk" and run.sketch.ready)
+        ):
+            if add_minibatch_noise(run, levy, step, self._pre_clip_norm, self.loss_fn):
                 self.noise_draws += 1
-        elif run.sketch.ready and basis not in MINIBATCH_BASES:
-            self.add_noise(state.global_step)
+        elif levy.levy_scale != 0 and run.sketch.ready and basis not in MINIBATCH_BASES:
+            self.add_noise(step)
         run.step_batches = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -83,7 +83,20 @@ class LevyArguments:
         default=None,
         metadata={
             "help": "b, the examples of the sub-batch whose noise the 'minibatch' bases inject (a multiple of the "
-            "number of processes, smaller than the examples per optimizer step). Unused by the other bases."
+            "number of processes, smaller than the examples per optimizer step). The other bases use it only for "
+            "the small batch of gradient_noise_scale_every_n_steps."
+        },
+    )
+    gradient_noise_scale_every_n_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "The gradient noise scale B_simple = tr(Σ)/‖G‖² (McCandlish et al. 2018), logged as "
+            "levy/gradient_noise_scale (examples) from ‖g_b‖² of levy_noise_batch_size examples of the step's "
+            "batch and ‖g‖² of all B, as the ratio of their moving averages over steps. Where the 'minibatch' "
+            "bases already compute g_b (levy_scale > 0) it is free and measured every step whenever this is "
+            "not 0. Elsewhere (the other bases, levy_scale 0) N >= 1 adds one gradient of levy_noise_batch_size "
+            "examples every N steps, about b/(N·B) of a step. None (default): only where free, so no setting "
+            "costs more than before; 0: off. Refused under DeepSpeed."
         },
     )
     levy_virtual_batch_size: int | None = field(
@@ -213,6 +226,20 @@ class LevyArguments:
             self.levy_noise_batch_size,
             f"set with levy_noise_basis={self.levy_noise_basis!r}",
             "the examples of the sub-batch whose noise is injected, e.g. the small batch size to imitate",
+        )
+        every = self.gradient_noise_scale_every_n_steps
+        _check(
+            every is None or every >= 0,
+            "gradient_noise_scale_every_n_steps",
+            every,
+            "None or an integer >= 0",
+        )
+        _check(
+            not every or self.levy_noise_batch_size is not None,
+            "levy_noise_batch_size",
+            self.levy_noise_batch_size,
+            f"set with gradient_noise_scale_every_n_steps={every}",
+            "the small batch of the noise scale's two (e.g. an eighth of the examples per optimizer step)",
         )
         m = self.calibration_num_microbatches
         _check(

@@ -37,7 +37,8 @@ def add_minibatch_noise(
     truncations (``levy_clip``, ``levy_max_noise_ratio``) do not apply: this noise has no heavy tail to cut,
     and near a minimum, where ‖g‖ → 0 while the sampling noise stays, a cap relative to ‖g‖ would replace it
     on most steps. Skipped like :func:`add_step_noise` when ‖g‖ or ξ is not finite; returns whether noise was
-    added.
+    added. Unless ``gradient_noise_scale_every_n_steps`` is 0, the same g_b and ‖g‖ before clipping also feed
+    ``run.noise_scale`` (free: no other gradient is taken).
     """
     batches, run.step_batches = run.step_batches, []
     if not batches or not run.space.has_grads():
@@ -47,16 +48,11 @@ def add_minibatch_noise(
         run.skipped_nonfinite += 1
         return False
     space = run.space
-    rank, world = rank_and_world()
-    share = levy.levy_noise_batch_size // world
-    rows = subbatch_rows(
-        [batch_length(b) for b in batches], share, step_generator(run.seed + rng.MINIBATCH, step)
-    )
-    sub_P, _ = subbatch_gradient(run.model, batches, rows, run.params, loss_fn=loss_fn)
-    if world > 1 and not space.sharded:  # FSDP's backward already averaged the ranks' equal shares
-        sub_P = sum_over_ranks(sub_P).div_(world)
+    sub_P = _subbatch_gradient(run, levy, batches, step, loss_fn)
     pre_clip = _host_float(pre_clip_norm)
     shrink = min(1.0, grad_norm / pre_clip) if pre_clip else 1.0
+    if levy.gradient_noise_scale_every_n_steps != 0:  # free: g_b and ‖g‖ are at hand
+        _update_noise_scale(run, levy, sub_P, pre_clip if pre_clip is not None else grad_norm, batches)
     topk = levy.levy_noise_basis == "minibatch_topk"
     kappa = minibatch_kappa(
         levy.levy_scale, levy.levy_noise_batch_size, levy.levy_virtual_batch_size, run.step_examples
@@ -80,6 +76,64 @@ def add_minibatch_noise(
         if noise.topk_share is not None:
             tally.add_topk_share(noise.topk_share)
     return True
+
+
+def measure_noise_scale(
+    run: LevyRun, levy: LevyArguments, step: int, pre_clip_norm: Any = None, loss_fn: LossFn | None = None
+) -> bool:
+    """Fold this step's pair of batches into ``run.noise_scale``, at the cost of one sub-batch gradient.
+
+    For the bases that compute no g_b (and levy_scale 0): the gradient of the ``levy_noise_batch_size``
+    examples the 'minibatch' noise would draw at this step, and ‖g‖ before clipping (``pre_clip_norm``, else
+    of ``.grad``). Call it before ξ is added; ``.grad`` and ``run.step_batches`` are left as they are.
+
+    Returns:
+        Whether the smoother took the pair (not when the step has no batches or gradients, nor a non-finite
+        norm).
+    """
+    batches = run.step_batches
+    if not batches or not run.space.has_grads():
+        return False
+    pre_clip = _host_float(pre_clip_norm)
+    full_norm = pre_clip if pre_clip is not None else run.space.grad_norm()
+    sub_P = _subbatch_gradient(run, levy, batches, step, loss_fn)
+    return _update_noise_scale(run, levy, sub_P, full_norm, batches)
+
+
+def _subbatch_gradient(
+    run: LevyRun, levy: LevyArguments, batches: list[Any], step: int, loss_fn: LossFn | None
+) -> torch.Tensor:
+    """g_b, this rank's flat piece, of the step's sub-batch.
+
+    ``levy_noise_batch_size`` examples of the step's micro-batches drawn by the step's generator
+    (rng.MINIBATCH), each rank its equal share, averaged over the ranks.
+    """
+    world = rank_and_world()[1]
+    rows = subbatch_rows(
+        [batch_length(b) for b in batches],
+        levy.levy_noise_batch_size // world,
+        step_generator(run.seed + rng.MINIBATCH, step),
+    )
+    sub_P, _ = subbatch_gradient(run.model, batches, rows, run.params, loss_fn=loss_fn)
+    if world > 1 and not run.space.sharded:  # FSDP's backward already averaged the ranks' equal shares
+        sub_P = sum_over_ranks(sub_P).div_(world)
+    return sub_P
+
+
+def _update_noise_scale(
+    run: LevyRun, levy: LevyArguments, sub_P: torch.Tensor, full_norm: float, batches: list[Any]
+) -> bool:
+    """Fold ‖g_b‖² (b = levy_noise_batch_size) and ‖g_B‖² = ``full_norm``² into ``run.noise_scale``.
+
+    B counts the step's examples, this rank's micro-batches times the ranks (an epoch's short last step
+    included).
+    """
+    small = float(run.space.reduce(sub_P.double().square().sum()))
+    b = levy.levy_noise_batch_size
+    big = sum(batch_length(batch) for batch in batches) * rank_and_world()[1]
+    if big <= b:  # a short last step: no larger batch to pair with
+        return False
+    return run.noise_scale.update(small, b, full_norm**2, big)
 
 
 def _host_float(norm: Any) -> float | None:

@@ -22,6 +22,7 @@ from hf_levy.hvp import LossFn
 from hf_levy.levy_state import FIX
 from hf_levy.minibatch import minibatch_kappa
 from hf_levy.noise import isotropic_noise
+from hf_levy.noise_scale import NoiseScaleSmoother
 from hf_levy.noise_tally import NoiseTally
 from hf_levy.params import ParameterSpace, rank_and_world, trainable_parameters
 from hf_levy.rng import step_generator
@@ -33,6 +34,8 @@ from hf_levy.zero_space import ZeroSpace, uses_deepspeed, zero_optimizer_of
 logger = logging.getLogger(__name__)
 
 NOISE_TOTAL = "noise_total"  # the checkpoint entry of the whole run's NoiseTally
+NOISE_SCALE = "noise_scale"  # and of the gradient noise scale's moving averages, in SMOOTHER_KEYS order
+SMOOTHER_KEYS = ("beta", "steps", "square_norm_ema", "trace_ema")
 
 # The noise bases that inject the real noise of a sub-batch of the step's batch (hf_levy.minibatch).
 MINIBATCH_BASES = ("minibatch", "minibatch_topk")
@@ -57,6 +60,7 @@ class LevyRun:
     sketch_metrics: dict[str, float] = field(default_factory=dict)  # of the last refresh, until logged
     noise_window: NoiseTally = field(default_factory=NoiseTally)  # the steps since the last log
     noise_total: NoiseTally = field(default_factory=NoiseTally)  # every step of the run
+    noise_scale: NoiseScaleSmoother = field(default_factory=NoiseScaleSmoother)  # levy/gradient_noise_scale
     skipped_nonfinite: int = 0  # steps since the last log whose gradient or noise was not finite
     failed_refreshes: int = 0  # refreshes of this run whose sketch was discarded
     warned_unconverged: bool = False
@@ -81,6 +85,9 @@ class LevyRun:
             last_sketch, self.sketch_metrics = self.sketch_metrics, {}
             return {**last_sketch, **total, **{k: v for k, v in shares.items() if k.endswith("_fraction")}}
         metrics = {**self.sketch_metrics, **total, **self.noise_window.metrics()}
+        b_simple = self.noise_scale.value  # None while the averaged ‖G‖² is not positive: nothing logged
+        if b_simple is not None:
+            metrics["levy/gradient_noise_scale"] = b_simple
         if self.noise_window.steps and self.calibration is None and alpha is not None:
             metrics["levy/alpha"] = float(alpha)
         if self.skipped_nonfinite:
@@ -131,6 +138,9 @@ class LevyRun:
             **self.sketch.state_dict(),
             **self.schedule.state_dict(),
             NOISE_TOTAL: self.noise_total.state_tensor(),
+            NOISE_SCALE: torch.tensor(
+                [float(self.noise_scale.state_dict()[k]) for k in SMOOTHER_KEYS], dtype=torch.float64
+            ),
         }
         if self.calibration is not None:
             state.update(calibrated_alpha=self.calibration.alpha_K, calibrated_scale=self.calibration.scale_K)
@@ -149,6 +159,10 @@ class LevyRun:
         saved = dict(saved)
         if NOISE_TOTAL in saved:  # files written before it was kept lack it: the run's tally starts afresh
             self.noise_total = NoiseTally.from_state_tensor(saved.pop(NOISE_TOTAL))
+        if NOISE_SCALE in saved:  # likewise: the noise scale's averages start afresh without it
+            values = saved.pop(NOISE_SCALE).tolist()
+            self.noise_scale = NoiseScaleSmoother(values[0])
+            self.noise_scale.load_state_dict(dict(zip(SMOOTHER_KEYS, values, strict=True)))
         if "calibrated_scale" in saved:
             self.calibration = DirectionalNoise(saved.pop("calibrated_alpha"), saved.pop("calibrated_scale"))
         self.schedule.load_state_dict({key: saved.pop(key) for key in SCHEDULE_KEYS})
@@ -177,6 +191,16 @@ def saved_state_problem(saved: dict[str, Tensor], dim: int, num_eigenpairs: int)
         and (tally >= 0).all()
     ):
         return f"holds a '{NOISE_TOTAL}' entry that is not {NoiseTally().state_tensor().numel()} finite counts >= 0"
+    smoother = saved.get(NOISE_SCALE)
+    if smoother is not None and not (
+        smoother.shape == (len(SMOOTHER_KEYS),)
+        and torch.isfinite(smoother).all()
+        and 0 <= float(smoother[0]) < 1
+        and float(smoother[1]) >= 0
+    ):
+        return (
+            f"holds a '{NOISE_SCALE}' entry that is not {SMOOTHER_KEYS} (finite, 0 <= beta < 1, steps >= 0)"
+        )
     if "vectors_KP" not in saved:
         return _schedule_problem(saved, ("calibrated_alpha" in saved))
     vectors, values = saved["vectors_KP"], saved["values"]
@@ -222,6 +246,12 @@ def start_run(
         raise ValueError(
             "the model has no trainable parameters (requires_grad=True): nothing to sketch or perturb"
         )
+    if levy.gradient_noise_scale_every_n_steps and uses_deepspeed(optimizer):
+        raise ValueError(
+            f"gradient_noise_scale_every_n_steps={levy.gradient_noise_scale_every_n_steps} needs a second "
+            "backward on a sub-batch, which DeepSpeed's engine does not allow: set it to 0 or None under "
+            "DeepSpeed (hf_levy.gradient_noise_scale measures a checkpoint on one process, DDP or FSDP)"
+        )
     space = (
         ZeroSpace(params, zero_optimizer_of(optimizer))
         if uses_deepspeed(optimizer)
@@ -248,7 +278,9 @@ def start_run(
     per_step = examples_per_batch(train_dataloader, args) * args.gradient_accumulation_steps
     if from_subbatch:
         _check_noise_batch(levy, min(per_step, len(dataset)), world)
-    else:
+    elif levy.gradient_noise_scale_every_n_steps:
+        _check_noise_scale_batch(levy, min(per_step, len(dataset)), world)
+    if not from_subbatch:
         _check_virtual_batch(levy, min(per_step, len(dataset)), len(dataset), world, space.sharded)
     seed = levy.levy_seed if levy.levy_seed is not None else args.seed
     return LevyRun(
@@ -360,6 +392,17 @@ def _check_noise_batch(levy: LevyArguments, step_examples: int, world: int) -> N
             f"of the sub-batch from its own batch; use a multiple of {world}"
         )
     minibatch_kappa(levy.levy_scale, b, levy.levy_virtual_batch_size, step_examples)  # raises on bad sizes
+
+
+def _check_noise_scale_batch(levy: LevyArguments, step_examples: int, world: int) -> None:
+    """The small batch of the noise scale's extra gradient: smaller than a step's batch, split evenly."""
+    b, every = levy.levy_noise_batch_size, levy.gradient_noise_scale_every_n_steps
+    if not 1 <= b < step_examples or b % world:
+        raise ValueError(
+            f"levy_noise_batch_size={b} (the small batch of gradient_noise_scale_every_n_steps={every}) must be "
+            f"smaller than the {step_examples} examples of an optimizer step and a multiple of the {world} "
+            "processes: each draws an equal share of it from its own batch"
+        )
 
 
 def _from_rank0(step: int, space: ParameterSpace) -> int:

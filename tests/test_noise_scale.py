@@ -259,6 +259,15 @@ def test_gradient_noise_scale_refuses_bad_arguments(kwargs, message):
         gradient_noise_scale(Regression(), dataset(), collate_fn=collate, **settings)
 
 
+def test_gradient_noise_scale_refuses_deepspeed_zero3_parameters():
+    model = Regression()
+    model.w.ds_id = 0  # what DeepSpeed ZeRO-3 sets on the parameters it partitions
+    with pytest.raises(ValueError, match="does not run under DeepSpeed ZeRO stage 3"):
+        gradient_noise_scale(
+            model, dataset(), collate_fn=collate, small_batch_size=1, big_batch_size=2, num_draws=1
+        )
+
+
 def test_gradient_noise_scale_refuses_an_empty_dataset():
     with pytest.raises(ValueError, match="dataset is empty"):
         gradient_noise_scale(

@@ -54,8 +54,11 @@ class StepRecorder(TrainerCallback):
         self.after.append(model.w.detach().clone())
 
 
-def train(output_dir: str, **fields) -> tuple[LevyTrainer, StepRecorder]:
-    """Six examples, three per device and micro-batch, SGD at LEARNING_RATE, one log entry per step."""
+def train(
+    output_dir: str, *, collator=default_data_collator, resume: str | None = None, **fields
+) -> tuple[LevyTrainer, StepRecorder]:
+    """Six examples, three per device and micro-batch, SGD at LEARNING_RATE, one log entry per step;
+    ``resume``: a checkpoint to resume from."""
     x, y = regression_data()
     settings = dict(
         per_device_train_batch_size=3,
@@ -84,10 +87,10 @@ def train(output_dir: str, **fields) -> tuple[LevyTrainer, StepRecorder]:
         model=Regression(),
         args=LevyConfig(output_dir=output_dir, **settings),
         train_dataset=Dataset.from_dict({"x": x.tolist(), "labels": y.tolist()}),
-        data_collator=default_data_collator,
+        data_collator=collator,
         callbacks=[recorder],
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer, recorder
 
 
