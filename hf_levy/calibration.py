@@ -95,6 +95,7 @@ def microbatch_projections(
         batches: M dicts of tensors, each a micro-batch of the virtual batch size b.
         params: the parameters the vectors are flat over (in that order).
         vectors_PK: (P, K) directions, e.g. ``Eigenpairs.vectors``; products in their dtype.
+        loss_fn: ``loss_fn(model, batch)`` instead of ``model(**batch).loss``, as in :func:`loss_gradient`.
         reduce: sums partial (K,) projections over ranks when the parameters are FSDP shards (e.g.
             ``ParameterSpace.reduce``); then every rank passes its share of each micro-batch and the rows of
             ``vectors_PK`` for its local elements, and all ranks get the same table.
@@ -248,8 +249,10 @@ def injected_scale(
 
 
 def _pairwise_log_moments(x_MK: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean, variance and count of log|x_i − x_j| over the pairs i < j that are not ties, per column
-    (|x_i − x_j| > _TIE_RELATIVE · MAD of the column)."""
+    """Mean, variance and count of log|x_i − x_j| per column, over the pairs i < j that are not ties.
+
+    A pair counts when |x_i − x_j| > _TIE_RELATIVE · MAD of the column.
+    """
     m, k = x_MK.shape
     total, total_sq, count = (torch.zeros(k, dtype=torch.float64) for _ in range(3))
     rows = max(1, _PAIR_CHUNK // (m * k))
@@ -284,8 +287,10 @@ def calibrate_to_virtual_batch(
     alpha: float | None = None,
     loss_fn: LossFn | None = None,
 ) -> tuple[DirectionalNoise, float]:
-    """The noise of batch size b along ``vectors_PK``, as the SαS law to inject (α_K, c_inj_K), and the
-    share of the batch-b gradient-noise variance those K directions carry (:func:`variance_share`).
+    """The noise of batch size b along ``vectors_PK`` as the SαS law to inject, and its variance share.
+
+    The law is (α_K, c_inj_K); the share is that of the batch-b gradient-noise variance those K directions
+    carry (:func:`variance_share`).
 
     M micro-batches of b training examples (indices drawn from the calibration stream of ``seed`` at
     ``step``) are split across the ranks: whole micro-batches per rank for replicated parameters, each

@@ -23,11 +23,14 @@ TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer's state in each checkpo
 
 
 def install_first(callback: Any, trainer: Any) -> None:
-    """``LevyCallback.attach``: put ``callback`` first in ``trainer``'s list (once, even if it was passed in
-    ``callbacks=[...]`` too) and wrap four Trainer methods no public event replaces: the checkpoint save (the
-    sketch file goes in before the Trainer's own files, so a Hub push of the folder includes it), the
-    checkpoint load (the exact folder resumed from), the gradient clipping (the pre-clip norm) and the
-    drawing of an optimizer step's micro-batches (the sub-batch of the 'minibatch' noise bases)."""
+    """``LevyCallback.attach``: put ``callback`` first in ``trainer``'s list and wrap four Trainer methods.
+
+    The callback is put there once, even if it was passed in ``callbacks=[...]`` too. The four methods are
+    those no public event replaces: the checkpoint save (the sketch file goes in before the Trainer's own
+    files, so a Hub push of the folder includes it), the checkpoint load (the exact folder resumed from), the
+    gradient clipping (the pre-clip norm) and the drawing of an optimizer step's micro-batches (the sub-batch
+    of the 'minibatch' noise bases).
+    """
     callbacks = trainer.callback_handler.callbacks
     if any(c is callback for c in callbacks):
         callbacks.remove(callback)
@@ -89,8 +92,11 @@ def move_to_front(callback: TrainerCallback) -> bool:
 
 
 def checkpoint_folder(args: Any, state: TrainerState) -> str | None:
-    """The folder ``Trainer._save_checkpoint`` just wrote, as seen in ``on_save``; None when it is not
-    ``output_dir/checkpoint-<step>`` (hyperparameter-search trials write into a folder of their own)."""
+    """The folder ``Trainer._save_checkpoint`` just wrote, as seen in ``on_save``.
+
+    None when it is not ``output_dir/checkpoint-<step>`` (hyperparameter-search trials write into a folder
+    of their own).
+    """
     folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
     return folder if os.path.isdir(folder) else None
 

@@ -67,15 +67,19 @@ def tail_index_profile(
     weighted by chunk size, so the loss must be a mean over the examples of a batch.
 
     Args:
-        model, params, loss_fn: as in :func:`hf_levy.hvp.loss_gradient` (eval mode; the
-            model's modes, ``.grad`` and the global RNG are left as they were).
-        dataset: map-style (``len`` and integer indexing); ``collate_fn(list of examples)`` makes a batch.
+        model: the module whose gradients are measured, as in :func:`hf_levy.hvp.loss_gradient` (eval
+            mode; the model's modes, ``.grad`` and the global RNG are left as they were).
+        dataset: map-style (``len`` and integer indexing).
+        collate_fn: makes a batch from a list of examples.
+        params: the trainable parameters the gradients are flat over, as in ``loss_gradient``.
         batch_sizes: the b to profile, each in [1, len(dataset)).
         num_batches: M mini-batches per batch size (>= 32).
         reference_batch_size: examples in the reference gradient (>= max(batch_sizes); 10× or more
             keeps its own noise small); None: the whole dataset, in chunks of max(batch_sizes).
         vectors_PK: (P, K) directions for per-direction estimates; None: pooled only.
         bootstrap: resamples of the M noise vectors for the 95 % percentile intervals (0: none).
+        seed: seeds the mini-batch draws, the reference chunks, the pooled coordinates and the bootstrap.
+        loss_fn: ``loss_fn(model, batch)`` instead of ``model(**batch).loss``, as in ``loss_gradient``.
         pooled_coordinates: S coordinates (a seeded random subset, kept in parameter order) pooled
             for Şimşekli's estimate, bounding memory at M·S; None pools all P.
         progress: show a tqdm bar over the gradient evaluations.

@@ -50,8 +50,10 @@ def _open_paths() -> set[str] | None:
 
 
 def clear_stale_build_locks(root: str | os.PathLike[str] | None = None) -> list[pathlib.Path]:
-    """Remove the build locks under ``root`` (default :func:`extensions_root`) that no process holds open;
-    returns them, and warns naming each. A lock a live process holds (a build in progress) is left alone.
+    """Remove the build locks under ``root`` that no process holds open; return them, warning naming each.
+
+    ``root`` defaults to :func:`extensions_root`. A lock a live process holds (a build in progress) is left
+    alone.
 
     Call it from one process per machine (local rank 0) before the others can start building.
     """

@@ -135,9 +135,9 @@ def finite_difference_step(params: Sequence[Tensor], dtype: torch.dtype | None =
     (1 + ‖θ‖)/√P ≈ 1 + RMS(θ) scales it to the parameters' typical size. It is an empirical compromise
     (docs/research/benchmarks.md): in float32 the product is within 1e-3 along top eigenvectors, where the
     sketch's Krylov vectors go, but only within 1e-2 to 8e-2 along random directions at P ≈ 1M; Lanczos
-    eigenvalues on it were within 2e-4. For a vector of norm r the step is ε / r. ‖θ‖ and P are global (summed over
-    ranks) for sharded parameters. Products need float32 (or float64) arithmetic: bf16 weights cannot hold
-    θ ± εv, and bf16 autocast leaves errors of 37-59% along the top eigenvector at any step.
+    eigenvalues on it were within 2e-4. For a vector of norm r the step is ε / r. ‖θ‖ and P are global
+    (summed over ranks) for sharded parameters. Products need float32 (or float64) arithmetic: bf16 weights
+    cannot hold θ ± εv, and bf16 autocast leaves errors of 37-59% along the top eigenvector at any step.
     """
     with torch.no_grad():
         local = [local_view(p).detach() for p in params]
@@ -156,8 +156,10 @@ def step_for(dtype: torch.dtype, theta_square_norm: float, count: int) -> float:
 
 
 class _LossClosure:
-    """loss() on the fixed batch (moved to the parameters' device), with dropout off and the model's modes
-    and the global RNG restored."""
+    """loss() on the fixed batch (moved to the parameters' device).
+
+    Dropout is off while it runs; the model's modes and the global RNG are restored after.
+    """
 
     def __init__(
         self, model: nn.Module, batch: Mapping[str, Any], params: list[Tensor], loss_fn: LossFn | None

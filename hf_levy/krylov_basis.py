@@ -79,8 +79,10 @@ class KrylovBasis:
         return torch.cat([local_inner(block_XP, w_P[None])[:, 0] for block_XP in self.first(rows)])
 
     def _column_chunks(self, rows: int) -> Iterator[tuple[slice, slice, Tensor]]:
-        """(row slice, column slice, rows × columns view of the basis) over the first ``rows`` rows, block by
-        block, in column chunks sized for the float64 scratch budget."""
+        """(row slice, column slice, rows × columns view of the basis) over the first ``rows`` rows.
+
+        Block by block, in column chunks sized for the float64 scratch budget.
+        """
         offset = 0
         for block_XP in self.first(rows):
             count = block_XP.shape[0]

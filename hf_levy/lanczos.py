@@ -60,8 +60,11 @@ def _top_ritz(diag: list[float], offdiag: list[float], k: int) -> tuple[Tensor, 
 
 
 def _first_product(matvec: Callable[[Tensor], Tensor], q_P: Tensor) -> tuple[Tensor, Tensor]:
-    """(q, matvec(q)) for a float32 start vector when no dtype was given: in float64 instead when the matvec
-    rejects float32 input (``H @ v`` with a float64 H raises a dtype mismatch) or answers in float64."""
+    """(q, matvec(q)) for a float32 start vector when no dtype was given, or both in float64.
+
+    Float64 when the matvec rejects float32 input (``H @ v`` with a float64 H raises a dtype mismatch) or
+    answers in float64.
+    """
     try:
         w_P = matvec(q_P)
     except RuntimeError as err:
@@ -121,9 +124,10 @@ def lanczos(
             so directions missing from the block can still be found.
         generator: the only source of randomness (cold start, block mixing, breakdown restarts); default a
             fresh CPU generator seeded with 0. The global RNG is never used.
-        dtype, device: working dtype/device of the vectors; default those of ``init``, else CPU and float32, or
-            float64 when the matvec works in float64 (it returns float64, or rejects a float32 vector with a
-            dtype error, e.g. ``lambda v: H @ v`` with a float64 H).
+        dtype: working dtype of the vectors; default that of ``init``, else float32, or float64 when the
+            matvec works in float64 (it returns float64, or rejects a float32 vector with a dtype error, e.g.
+            ``lambda v: H @ v`` with a float64 H).
+        device: working device of the vectors; default that of ``init``, else CPU.
         reduce: applied to every local inner-product tensor (float64) before use, e.g.
             ``lambda t: dist.all_reduce(t) or t`` for vectors sharded across ranks; norms go through it too.
             Nothing else communicates. Default: identity.

@@ -21,6 +21,7 @@ FIX = "delete it to resume with a fresh sketch"
 
 
 def state_file(checkpoint_dir: str, *, sharded: bool, rank: int) -> str:
+    """The sketch file in ``checkpoint_dir``: this rank's piece when ``sharded``, else the replicated one."""
     name = SHARDED_STATE_FILE.format(rank=rank) if sharded else STATE_FILE
     return os.path.join(checkpoint_dir, name)
 
@@ -35,8 +36,9 @@ def save_levy_state(
 
 
 def load_levy_state(checkpoint_dir: str, *, rank: int) -> tuple[str, dict[str, Tensor]] | None:
-    """This rank's saved sketch (its own FSDP piece first, else the replicated file) and its path; None
-    when absent.
+    """This rank's saved sketch and its path; None when absent.
+
+    The rank's own FSDP piece is read if there is one, else the replicated file.
 
     Raises:
         ValueError: naming the file and the fix, when it is not a readable safetensors file (truncated,

@@ -62,8 +62,11 @@ def batch_length(batch: Mapping[str, Any]) -> int:
 
 
 def subbatch_rows(sizes: Sequence[int], count: int, generator: torch.Generator) -> list[Tensor]:
-    """``count`` distinct examples drawn uniformly from micro-batches of ``sizes``, as sorted row indices
-    per micro-batch (a list of J int64 tensors, some possibly empty). ``count`` above Σ sizes takes all."""
+    """``count`` distinct examples drawn uniformly from micro-batches of ``sizes``.
+
+    Returned as sorted row indices per micro-batch (a list of J int64 tensors, some possibly empty).
+    ``count`` above Σ sizes takes all.
+    """
     total = sum(sizes)
     picked = torch.randperm(total, generator=generator)[: min(count, total)]
     rows, start = [], 0
@@ -75,8 +78,11 @@ def subbatch_rows(sizes: Sequence[int], count: int, generator: torch.Generator) 
 
 
 def select_rows(batch: Mapping[str, Any], rows: Tensor) -> dict[str, Any]:
-    """The examples ``rows`` of a collated batch: entries whose leading size is the batch's are indexed,
-    the rest (scalars, shared tensors, non-tensors) kept as they are."""
+    """The examples ``rows`` of a collated batch.
+
+    Entries whose leading size is the batch's are indexed, the rest (scalars, shared tensors, non-tensors)
+    kept as they are.
+    """
     size = batch_length(batch)
     picked = {}
     for key, value in batch.items():
@@ -133,13 +139,13 @@ def minibatch_noise(
     vectors_PK: Tensor | None = None,
     reduce: Callable[[Tensor], Tensor] = lambda t: t,
 ) -> MinibatchNoise:
-    """ξ = κ·d with d = shrink·g_b − g, or its projection κ·V Vᵀ d when ``vectors_PK`` (orthonormal columns)
-    is given.
+    """ξ = κ·d with d = shrink·g_b − g, or its projection κ·V Vᵀ d when ``vectors_PK`` is given.
 
-    ``grad_P`` is the step's gradient g as the optimizer will see it (after ``max_grad_norm`` clipping), and
-    ``shrink`` = ‖g‖/‖g before clipping‖ the clipping factor: the sub-batch gradient is shrunk by it too, so
-    that g + d is the batch-b gradient clipped by the same factor. ``reduce`` sums partial inner products
-    over ranks when the vectors are FSDP pieces. Norms and projections in float64.
+    ``vectors_PK`` has orthonormal columns. ``grad_P`` is the step's gradient g as the optimizer will see it
+    (after ``max_grad_norm`` clipping), and ``shrink`` = ‖g‖/‖g before clipping‖ the clipping factor: the
+    sub-batch gradient is shrunk by it too, so that g + d is the batch-b gradient clipped by the same factor.
+    ``reduce`` sums partial inner products over ranks when the vectors are FSDP pieces. Norms and projections
+    in float64.
     """
     d_P = subbatch_grad_P.double().mul(shrink).sub_(grad_P.double())
     share = None

@@ -45,6 +45,7 @@ class NoiseDraw:
 
     @property
     def num_draws(self) -> int:
+        """The α-stable draws behind the coefficients, one per direction: K."""
         return self.coef_K.numel()
 
 

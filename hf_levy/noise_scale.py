@@ -1,5 +1,6 @@
-"""The gradient noise scale B_simple = tr(Σ)/‖G‖², in examples (McCandlish, Kaplan, Amodei et al. 2018,
-"An Empirical Model of Large-Batch Training", Appendix A).
+"""The gradient noise scale B_simple = tr(Σ)/‖G‖², in examples.
+
+McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch Training", Appendix A.
 
 G is the true gradient and Σ the per-example gradient covariance (P×P) over the data. Here the data is the
 dataset itself, N examples of weight 1/N: G = (1/N) Σ_i g_i and Σ = (1/N) Σ_i (g_i − G)(g_i − G)ᵀ (divisor N,
@@ -119,8 +120,11 @@ class NoiseScaleSmoother:
 
     @property
     def value(self) -> float | None:
-        """B_simple in examples, or None before the first update and while the averaged |G|² is <= 0 (the
-        gradient is not resolved from the noise yet: nothing to log). Negative when the averaged tr(Σ) is."""
+        """B_simple in examples, or None before the first update and while the averaged |G|² is <= 0.
+
+        None means the gradient is not resolved from the noise yet: nothing to log. Negative when the averaged
+        tr(Σ) is.
+        """
         if self.steps == 0 or not self._square_norm_ema > 0:
             return None
         return self._trace_ema / self._square_norm_ema
@@ -228,8 +232,11 @@ def gradient_noise_scale(
     dtype = torch.promote_types(params[0].dtype, torch.float32)  # sums of bf16 gradients lose too much
 
     def gradient_sum(indices: Tensor) -> Tensor:
-        """Σ over ``indices`` of the examples' gradients: replicated, this rank's share of it (zeros for an
-        empty share; summed over ranks below); FSDP-sharded, this rank's piece of the whole sum."""
+        """Σ over ``indices`` of the examples' gradients, as this rank holds it.
+
+        Replicated: this rank's share of it (zeros for an empty share; summed over ranks below); FSDP-sharded:
+        this rank's piece of the whole sum.
+        """
         mine = indices[rank::world]
         if sharded:
             # FSDP's backward averages the ranks' gradients, so each rank weighs its mean loss by world × its

@@ -30,6 +30,7 @@ class NoiseTally:
     share_steps: int = 0
 
     def add(self, draw: NoiseDraw, noise_norm: float, grad_norm: float) -> None:
+        """Count one step's noise: its draw's truncations, ‖ξ‖ and ‖ξ‖/‖g‖ (0 when ‖g‖ = 0)."""
         self.steps += 1
         self.capped_steps += int(draw.capped)
         self.clipped_draws += draw.num_clipped
@@ -45,15 +46,19 @@ class NoiseTally:
 
     @property
     def capped_fraction(self) -> float:
+        """The share of the steps whose noise norm the cap set (0 before any step)."""
         return self.capped_steps / self.steps if self.steps else 0.0
 
     @property
     def clipped_fraction(self) -> float:
+        """The share of the α-stable draws that the clip cut (0 before any draw)."""
         return self.clipped_draws / self.draws if self.draws else 0.0
 
     def metrics(self, prefix: str = "levy/") -> dict[str, float]:
-        """Mean ‖ξ‖, mean ‖ξ‖/‖g‖, the two truncation fractions and (minibatch_topk) the mean top-K share;
-        empty when no step had noise."""
+        """Mean ‖ξ‖, mean ‖ξ‖/‖g‖, the two truncation fractions and (minibatch_topk) the mean top-K share.
+
+        Empty when no step had noise.
+        """
         if not self.steps:
             return {}
         metrics = {

@@ -47,8 +47,10 @@ class RefreshSchedule:
         self._step_started: float | None = None
 
     def due(self, step: int, last_refresh: int | None) -> bool:
-        """Called once at the start of every optimizer step; ``last_refresh`` is the step of the last good
-        sketch (None: there is none yet)."""
+        """Whether the sketch is refreshed at ``step``; called once at the start of every optimizer step.
+
+        ``last_refresh`` is the step of the last good sketch (None: there is none yet).
+        """
         now = time.perf_counter()
         if self._step_started is not None and self.max_overhead is not None:
             self._step_seconds.append(now - self._step_started)
@@ -76,6 +78,7 @@ class RefreshSchedule:
         self._step_started = time.perf_counter()
 
     def state_dict(self) -> dict[str, Tensor]:
+        """The budget's state for a checkpoint, under :data:`STATE_KEYS` (NaN or -1 for None)."""
         refresh = math.nan if self.refresh_seconds is None else self.refresh_seconds
         return {
             STATE_KEYS[0]: torch.tensor(self.total_seconds, dtype=torch.float64),
@@ -84,6 +87,7 @@ class RefreshSchedule:
         }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` saved, so a resumed run keeps the budget's schedule."""
         total, refresh, deferred = (float(state[key]) for key in STATE_KEYS)
         self.total_seconds = total
         self.refresh_seconds = None if math.isnan(refresh) else refresh

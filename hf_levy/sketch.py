@@ -28,6 +28,11 @@ class SketchDiscardedWarning(UserWarning):
 
 @dataclass
 class SketchSettings:
+    """What a refresh computes: K eigenpairs by :func:`hf_levy.lanczos` at ``tol`` within ``num_iters``.
+
+    ``seed`` seeds the Lanczos start; the dtype and devices say where V and the basis are kept.
+    """
+
     num_eigenpairs: int
     num_iters: int | None
     tol: float
@@ -50,6 +55,7 @@ class HessianSketch:
 
     @property
     def ready(self) -> bool:
+        """Whether a good refresh has given eigenvectors yet."""
         return self.vectors_PK is not None
 
     def refresh(
@@ -98,6 +104,7 @@ class HessianSketch:
         return {}
 
     def state_dict(self) -> dict[str, Tensor]:
+        """The eigenpairs and their steps for a checkpoint; empty before the first good refresh."""
         if not self.ready:
             return {}
         # Saved as the K rows that lanczos keeps contiguous, so a restored sketch has the same memory layout
@@ -110,6 +117,7 @@ class HessianSketch:
         }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` saved (an empty state leaves the sketch as it is)."""
         if not state:
             return
         self.values_K = state["values"].double().cpu()

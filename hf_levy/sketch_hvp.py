@@ -96,8 +96,10 @@ def _batch_share(batch: Mapping[str, Any], space: ParameterSpace) -> float:
 
 
 def _rank_averaged(hvp: Callable[[Tensor], Tensor], weight: float, space: ParameterSpace):
-    """The ranks' products on replicated parameters, each weighted by its share of the batch, summed (one
-    all-reduce)."""
+    """The ranks' products on replicated parameters, each weighted by its share of the batch, summed.
+
+    One all-reduce per product.
+    """
     return lambda v_P: sum_over_ranks(hvp(v_P.to(space.device)) * weight).to(v_P.device)
 
 

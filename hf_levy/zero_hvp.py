@@ -36,8 +36,11 @@ def zero_matvec(
     share: float,
     loss_fn: LossFn | None = None,
 ) -> Callable[[Tensor], Tensor]:
-    """v_piece ↦ (H v)_piece, both (dim,) on this rank. ``replicated()`` builds the rank-averaged product
-    on (P,) vectors of whole parameters (stages 1, 2); ``share`` is this rank's fraction of the batch."""
+    """v_piece ↦ (H v)_piece, both (dim,) on this rank.
+
+    ``replicated()`` builds the rank-averaged product on (P,) vectors of whole parameters (stages 1, 2);
+    ``share`` is this rank's fraction of the batch.
+    """
     if space.stage < 3:
         full_product = replicated()
         return lambda v_P: space.local(full_product(space.full(v_P)))
@@ -100,6 +103,7 @@ class Stage3FiniteDifference:
         return space.pad(torch.cat([g.to(space.device) for g in pieces]))
 
     def __call__(self, v_P: Tensor) -> Tensor:
+        """(H v)_piece for this rank's piece ``v_P`` of v, by central differences; zeros for v = 0."""
         space = self.space
         norm = float(sum_over_ranks(v_P.double().pow(2).sum().to(space.device))) ** 0.5
         if norm == 0.0:

@@ -98,6 +98,7 @@ class ZeroSpace(ParameterSpace):
 
     @property
     def device(self) -> torch.device:
+        """Where this rank's pieces live (a ZeRO-3 parameter's partition, else the parameter)."""
         p = self.params[0]
         return p.ds_tensor.device if hasattr(p, "ds_id") else p.device
 
@@ -200,9 +201,11 @@ class ZeroSpace(ParameterSpace):
 
 
 def clip_zero_grads(space: ZeroSpace, max_norm: float) -> float:
-    """DeepSpeed's ``gradient_clipping``, done by hf_levy so that the noise comes after it, as elsewhere:
+    """DeepSpeed's ``gradient_clipping``, done by hf_levy so that the noise comes after it, as elsewhere.
+
     g ← g / max(1, (‖g‖ + 1e-6) / max_norm) (DeepSpeed's formula). Returns ‖g‖ before clipping; a
-    non-finite norm (fp16 overflow: DeepSpeed skips the step) leaves g as it is."""
+    non-finite norm (fp16 overflow: DeepSpeed skips the step) leaves g as it is.
+    """
     norm = space.grad_norm()
     if max_norm > 0 and math.isfinite(norm):
         factor = (norm + 1e-6) / max_norm

@@ -1,5 +1,7 @@
-"""Small-data tasks without grokking's long plateau, for the question "does a small batch reach a held-out
-target in fewer optimizer steps than the full batch?" (docs/research_task_search.md holds the answers).
+"""Small-data tasks without grokking's long plateau, for the batch-gap question.
+
+The question: "does a small batch reach a held-out target in fewer optimizer steps than the full batch?"
+(docs/research_task_search.md holds the answers).
 
 - :func:`sparse_parity`: the parity of ``k`` secret bits of ``n`` random ±1 bits (Barak et al. 2022), for the
   MLP of the digits recipe (``MLPClassifier``); the metric is test accuracy on fresh strings.
@@ -103,8 +105,10 @@ def sparse_regression(
     noise_std: float = 0.0,
     seed: int = 0,
 ) -> Task:
-    """Sparse linear regression ``y = X·w* (+ noise)``: ``X`` standard normal, ``w*`` with ``num_nonzero``
-    entries of ±1 (seeded positions and signs) and zeros elsewhere.
+    """Sparse linear regression ``y = X·w* (+ noise)``.
+
+    ``X`` is standard normal, ``w*`` has ``num_nonzero`` entries of ±1 (seeded positions and signs) and
+    zeros elsewhere.
 
     With fewer training examples than features, many weight vectors fit the train set exactly and only the
     sparse one generalizes. The train targets carry Gaussian noise of ``noise_std``; the test targets are
@@ -159,11 +163,13 @@ class DiagonalLinearNetwork(torch.nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        """The linear weights ``w = u⊙u − v⊙v``, shape (in_features,)."""
         return self.u * self.u - self.v * self.v
 
     def forward(
         self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
+        """``{"logits": f(x)}``, with ``"loss"`` (the mean squared error) when ``labels`` are given."""
         prediction = pixel_values @ self.weight
         out = {"logits": prediction}
         if labels is not None:
@@ -172,8 +178,10 @@ class DiagonalLinearNetwork(torch.nn.Module):
 
 
 def noisy_digits(num_train: int = 500, noise_fraction: float = 0.3, seed: int = 0) -> Task:
-    """:func:`hf_levy.recipes.tasks.digits` with ``round(noise_fraction · num_train)`` training labels
-    replaced by another class, drawn uniformly among the other nine (seeded); the test labels stay clean.
+    """:func:`hf_levy.recipes.tasks.digits` with a share of the training labels flipped; clean test labels.
+
+    ``round(noise_fraction · num_train)`` training labels are replaced by another class, drawn uniformly
+    among the other nine (seeded).
 
     The split is the digits task's for the same ``seed``. Metric: clean test accuracy; a model that
     memorizes the flipped labels loses some of it.
