@@ -91,3 +91,18 @@ def test_quickstart_example_is_the_readme_example():
         "docs/quickstart.md's example differs from the README's (tests/test_readme.py runs the README's): "
         "copy the README's block into the quickstart"
     )
+
+
+def test_no_reference_to_the_old_homes_of_the_research_records():
+    old = re.compile(r"docs/(results|benchmarks|test_strength)\.md")
+    folders = ("hf_levy", "tests", "benchmarks", "examples", "docs", ".ci")
+    files = [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "Makefile"]
+    files += [p for folder in folders for p in (ROOT / folder).rglob("*") if p.is_file()]
+    stale = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in files
+        if path.suffix in {"", ".md", ".py", ".yaml", ".json"} and path != pathlib.Path(__file__)
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if old.search(line)
+    ]
+    assert not stale, f"references to docs/<record>.md, now docs/research/<record>.md: {stale}"
