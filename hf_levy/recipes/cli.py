@@ -6,6 +6,8 @@ hf-levy cp      NAME DEST.yaml
 hf-levy train   --config NAME|FILE [--arm NAME] [--seed N] [--output_dir DIR] [--<field> VALUE ...]
 hf-levy compare --config NAME|FILE [--seeds 0,1,2] [--arms a,b] [--output_dir DIR] [--<field> VALUE ...]
 hf-levy report  RUN_DIR
+hf-levy noise-scale --config NAME|FILE [--arm NAME] [--checkpoint DIR] [--small_batch_size b] [--big_batch_size B]
+                    [--num_draws N] [--seed S]
 
 ``--config`` takes a file or a shipped recipe's name; a file wins (:mod:`hf_levy.recipes.catalog`).
 """
@@ -120,6 +122,43 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--seed", type=int, default=0, help="seed of the model init and of the sampled batches")
     tail.add_argument("--output_dir", help="where to write (default: runs/<recipe name>/tail_index)")
 
+    noise = commands.add_parser(
+        "noise-scale",
+        help="measure the gradient noise scale B_simple of a recipe's model",
+        description=(
+            "The gradient noise scale B_simple = tr(Sigma)/|G|^2 in examples (McCandlish et al. 2018) of the "
+            "recipe's model at initialization or of a checkpoint, over its training set: unbiased estimates "
+            "from pairs of a small batch b and a big batch B drawn with replacement, their ratio, and a "
+            "percentile bootstrap interval over the draws. Prints it with the batch sizes used and the arm's "
+            "batch per step relative to it."
+        ),
+    )
+    noise.add_argument(
+        "--config", required=True, help=f"the recipe whose task and model are measured: {CONFIG_HELP}"
+    )
+    noise.add_argument("--trust_remote_code", action="store_true", help=TRUST_HELP)
+    noise.add_argument(
+        "--arm", help="the arm whose batch sizes are the defaults (default: the first LevyTrainer arm)"
+    )
+    noise.add_argument(
+        "--checkpoint", help="a checkpoint directory to measure instead of the model at initialization"
+    )
+    noise.add_argument(
+        "--small_batch_size",
+        type=int,
+        help="b (default: the arm's levy_noise_batch_size, else an eighth of B)",
+    )
+    noise.add_argument(
+        "--big_batch_size", type=int, help="B (default: the arm's examples per optimizer step)"
+    )
+    noise.add_argument("--num_draws", type=int, default=100, help="pairs of batches averaged (default 100)")
+    noise.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the model init and the draws (default: the recipe's first)",
+    )
+
     report = commands.add_parser(
         "report",
         help="rebuild the report of a compare run from its saved logs",
@@ -181,6 +220,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(table.read_text())
             print(f"table: {table}\nplot: {plot}")
+            return 0
+        if args.command == "noise-scale":
+            from hf_levy.recipes.noise_scale import noise_scale_report
+
+            text, _ = noise_scale_report(
+                recipe,
+                args.arm,
+                checkpoint=args.checkpoint,
+                small_batch_size=args.small_batch_size,
+                big_batch_size=args.big_batch_size,
+                num_draws=args.num_draws,
+                seed=args.seed,
+                trust_remote_code=args.trust_remote_code,
+            )
+            print(text)
             return 0
         overrides = parse_overrides(extra)
         run_dir = pathlib.Path(args.output_dir or pathlib.Path("runs") / recipe.name)
