@@ -1,5 +1,6 @@
 """The example script and DeepSpeed config that docs/distributed.md launches: the config printed in the doc is
-the shipped file, every path its commands name exists, and the script trains (one process, no DeepSpeed)."""
+the shipped file, every file its commands name is one `hf-levy cp` fetches (and the doc says so), and the script
+trains (one process, no DeepSpeed)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import runpy
 import sys
 
 import hf_levy
+from hf_levy.recipes import catalog
 
 ROOT = pathlib.Path(__file__).parents[1]
 DOC = (ROOT / "docs" / "distributed.md").read_text()
@@ -18,14 +20,17 @@ SECTION = DOC[DOC.index("## DeepSpeed ZeRO") : DOC.index("## Multi-node")]
 
 def test_the_zero_config_in_the_doc_is_the_shipped_file():
     (block,) = re.findall(r"```json\n(.*?)```", SECTION, flags=re.S)
-    assert block == (ROOT / "examples" / "ds_zero2.json").read_text()
+    assert block == catalog.examples()["ds_zero2.json"].read_text()
 
 
-def test_every_path_the_deepspeed_commands_name_exists():
+def test_every_file_the_deepspeed_commands_name_is_fetched_by_hf_levy_cp_first():
+    # A pip user has no clone: the commands name the files in the current folder, and the doc copies them there.
     commands = re.findall(r"```(?:bash|python)\n(.*?)```", SECTION, flags=re.S)
-    paths = {path for command in commands for path in re.findall(r"examples/[\w.]+", command)}
-    assert paths == {"examples/ds_zero2.json", "examples/train_tiny_llama.py"}
-    assert all((ROOT / path).is_file() for path in paths)
+    files = {name for command in commands for name in re.findall(r"[\w./-]+\.(?:json|py)\b", command)}
+    assert files == {"ds_zero2.json", "train_tiny_llama.py"}
+    assert files <= set(catalog.examples())
+    assert all(f"hf-levy cp {name} ." in SECTION for name in files)
+    assert ".venv/" not in SECTION and "examples/" not in "".join(commands)
 
 
 def test_the_example_script_trains_with_levy_trainer(tmp_path, monkeypatch):
@@ -42,7 +47,7 @@ def test_the_example_script_trains_with_levy_trainer(tmp_path, monkeypatch):
             return output
 
     monkeypatch.setattr(hf_levy, "LevyTrainer", Recording)
-    runpy.run_path(str(ROOT / "examples" / "train_tiny_llama.py"), run_name="__main__")
+    runpy.run_path(str(catalog.examples()["train_tiny_llama.py"]), run_name="__main__")
     (history,) = trained
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 2 and all(map(math.isfinite, losses)), history

@@ -2,7 +2,9 @@
 
 ``--config VALUE`` is resolved in this order: a VALUE that names an existing file is that file (a path
 wins), else it is the name of a shipped recipe (its file name without ``.yaml``). A clone also sees the
-shipped files as ``recipes/<name>.yaml`` (a link to the same folder).
+shipped files as ``recipes/<name>.yaml`` (a link to the same folder). The example training script and its
+DeepSpeed config (``hf_levy/recipes/examples``, ``examples/`` in a clone) ship beside them, addressed by file
+name (``hf-levy cp ds_zero2.json .``).
 
 This module reads files only (no YAML parser, no transformers), so ``hf-levy ls`` answers at once.
 """
@@ -15,6 +17,8 @@ import pathlib
 import re
 
 CONFIGS = pathlib.Path(__file__).with_name("configs")
+EXAMPLES = pathlib.Path(__file__).with_name("examples")
+EXAMPLE_SUFFIXES = (".py", ".json")
 # The header's key lines: "# runtime:  about 4 minutes ...", continued by comment lines indented further.
 HEADER_KEY = re.compile(r"#\s*(purpose|command|hardware|runtime|outcome):\s*(.*)")
 
@@ -22,6 +26,12 @@ HEADER_KEY = re.compile(r"#\s*(purpose|command|hardware|runtime|outcome):\s*(.*)
 def shipped() -> dict[str, pathlib.Path]:
     """Every shipped recipe, name -> file, in name order."""
     return {path.stem: path for path in sorted(CONFIGS.glob("*.yaml"))}
+
+
+def examples() -> dict[str, pathlib.Path]:
+    """Every shipped example file (the script docs/distributed.md launches, its DeepSpeed configs), file name
+    -> file, in name order."""
+    return {p.name: p for p in sorted(EXAMPLES.glob("*")) if p.is_file() and p.suffix in EXAMPLE_SUFFIXES}
 
 
 def resolve(config: str | os.PathLike[str]) -> pathlib.Path:
@@ -83,4 +93,6 @@ def listing() -> str:
             f"{'':<{width}}  runtime: {runtime}",
         ]
     lines.append("\nRun one: hf-levy compare --config NAME. Edit a copy: hf-levy cp NAME my_recipe.yaml.")
+    if examples():
+        lines.append(f"Examples to copy (hf-levy cp FILE .): {', '.join(examples())}.")
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 arms, rebuild a report.
 
 hf-levy ls
-hf-levy cp      NAME DEST.yaml
+hf-levy cp      NAME DEST.yaml | FILE DEST    (a shipped recipe, or an example file such as ds_zero2.json)
 hf-levy train   --config NAME|FILE [--arm NAME] [--seed N] [--output_dir DIR] [--<field> VALUE ...]
 hf-levy compare --config NAME|FILE [--seeds 0,1,2] [--arms a,b] [--output_dir DIR] [--<field> VALUE ...]
 hf-levy report  RUN_DIR
@@ -57,10 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     copy = commands.add_parser(
         "cp",
-        help="copy a shipped recipe to a file, to edit it",
-        description="Copy a shipped recipe to DEST (a file, or a folder to put NAME.yaml in); never overwrites.",
+        help="copy a shipped recipe or example file to edit it",
+        description=(
+            "Copy a shipped recipe (by name) or example file (by file name: the training script and DeepSpeed "
+            "config that docs/distributed.md launches) to DEST, a file or a folder to put it in; never overwrites."
+        ),
     )
-    copy.add_argument("name", help="a shipped recipe's name (hf-levy ls)")
+    copy.add_argument(
+        "name", help="a shipped recipe's name or an example file's name (hf-levy ls lists both)"
+    )
     copy.add_argument("dest", help="the new file, e.g. my_recipe.yaml")
 
     train = commands.add_parser(
@@ -275,23 +280,30 @@ def _catalog_command(args: argparse.Namespace) -> int:
     if args.command == "ls":
         print(catalog.listing())
         return 0
-    recipes = catalog.shipped()
-    if args.name not in recipes:
+    recipes, extras = catalog.shipped(), catalog.examples()
+    if args.name in recipes:
+        source, name = recipes[args.name], f"{args.name}.yaml"
+    elif args.name in extras:
+        source, name = extras[args.name], args.name
+    else:
         try:
             catalog.resolve(args.name)  # the message with the names and the closest one
         except FileNotFoundError as err:
-            print(f"hf-levy: error: {err}", file=sys.stderr)
+            print(f"hf-levy: error: {err}; example files: {', '.join(extras)}", file=sys.stderr)
             return 2
         print(f"hf-levy: error: cp copies a shipped recipe by name; {args.name!r} is a file", file=sys.stderr)
         return 2
     dest = pathlib.Path(args.dest)
     if dest.is_dir():
-        dest = dest / f"{args.name}.yaml"
+        dest = dest / name
     if dest.exists():
         print(f"hf-levy: error: {dest} exists; cp never overwrites, choose another name", file=sys.stderr)
         return 2
-    shutil.copyfile(recipes[args.name], dest)
-    print(f"{dest}: a copy of the recipe {args.name}; run it with hf-levy compare --config {dest}")
+    shutil.copyfile(source, dest)
+    if args.name in recipes:
+        print(f"{dest}: a copy of the recipe {args.name}; run it with hf-levy compare --config {dest}")
+    else:
+        print(f"{dest}: a copy of the example {args.name}")
     return 0
 
 

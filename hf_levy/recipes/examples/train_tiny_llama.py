@@ -4,9 +4,11 @@ Every LevyConfig field (hence every TrainingArguments field) is a command-line f
 ``HfArgumentParser``; ``--deepspeed ds.json`` hands the Trainer a DeepSpeed config. The defaults set below
 suit the tiny model (40 steps of 8 sequences per rank at learning rate 1e-2, a log line every 10 steps, no
 checkpoints, output in runs/tiny_llama); flags override them. Nothing is downloaded: the model is built
-from a ``LlamaConfig`` and the data is generated. On one CPU:
+from a ``LlamaConfig`` and the data is generated. It ships with the ``recipes`` extra (``examples/`` in a
+clone); on one CPU:
 
-    python examples/train_tiny_llama.py --use_cpu
+    hf-levy cp train_tiny_llama.py .
+    python train_tiny_llama.py --use_cpu
 """
 
 from __future__ import annotations
