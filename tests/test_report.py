@@ -168,3 +168,16 @@ def test_a_learning_rate_grid_counts_as_its_best_point_by_median_steps():
         "The small-batch stock arm (small_lr_x1, batch 64; the best of the learning-rate grid small_lr_x0_5, "
         "small_lr_x1, small_lr_x2 by median steps) reached eval_accuracy ≥ 0.95 on every seed, in 1000 steps"
     ) in text
+
+
+def test_the_full_batch_baseline_is_the_first_listed_stock_arm_of_that_batch():
+    # A competitor at the same batch (GrokAdamW, listed after the plain stock arm) is not "the stock Trainer".
+    runs = [
+        *seeds("full", "stock", 1000, [900]),
+        *seeds("grokadamw", "stock", 1000, [None]),
+        *seeds("levy", "levy", 1000, [450]),
+        *seeds("small", "stock", 64, [300]),
+    ]
+    text = verdict(runs, "eval_accuracy", 0.95)
+    assert "the stock Trainer (full) reached eval_accuracy ≥ 0.95 in 900 steps" in text
+    assert "LevyTrainer needed 2.00x fewer steps than stock at the same batch size." in text

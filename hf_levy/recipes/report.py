@@ -325,7 +325,11 @@ def verdict(
         return (
             "Not enough arms for a verdict (it needs a stock arm and a LevyTrainer arm with Hessian noise)."
         )
-    large, small, main = stock[-1], stock[0], levy[0]
+    # On a tie the first listed: a recipe lists its plain stock arm before variants (e.g. optim: grokadamw).
+    large = next(
+        a for a in stock if groups[a][0]["global_batch_size"] == groups[stock[-1]][0]["global_batch_size"]
+    )
+    small, main = stock[0], levy[0]
     reach = f"{metric} {'≥' if greater_is_better else '≤'} {target}"
 
     def steps(arm: str) -> str:
