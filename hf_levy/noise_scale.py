@@ -13,11 +13,14 @@ so two batch sizes b < B give unbiased estimates of both terms (:func:`two_batch
 
     |G|² = (B‖G_B‖² − b‖G_b‖²)/(B − b),        tr(Σ) = (‖G_b‖² − ‖G_B‖²)/(1/b − 1/B).
 
-Drawn without replacement, tr(Σ)/b would carry a factor (N − b)/(N − 1), and the same formulas would estimate
-‖G‖² − tr(Σ)/(N − 1) and tr(Σ)·N/(N − 1): a difference of order b/N, negligible for a training set but not
-for a small one, so :func:`gradient_noise_scale` draws with replacement and is unbiased for every N. Only the
-marginal law of each batch matters, so the small batch is the first b examples of the big one (the big
-gradient reuses its sum: one gradient of B examples per draw).
+Drawn without replacement (as a training step's batch is, and a sub-batch of it), tr(Σ)/b carries a factor
+(N − b)/(N − 1), and the same formulas would estimate ‖G‖² − tr(Σ)/(N − 1) and tr(Σ)·N/(N − 1): the first is
+off by B_simple/(N − 1) of ‖G‖², large whenever the noise scale is a sizable share of the data (a full-batch
+step has no noise, yet they would subtract some). ``two_batch_estimates(..., population=N)`` makes that
+finite-population correction, and the Trainer's ``levy/gradient_noise_scale`` uses it;
+:func:`gradient_noise_scale` draws with replacement and is unbiased for every N. Only the marginal law of
+each batch matters, so the small batch is the first b examples of the big one (the big gradient reuses its
+sum: one gradient of B examples per draw).
 
 The ratio of two unbiased estimates is not unbiased, and one step's ratio is very noisy (its |G|² estimate
 may be ≤ 0), so the estimates are averaged first, over draws or over steps (:class:`NoiseScaleSmoother`),
@@ -46,16 +49,27 @@ from hf_levy.rng import NOISE_SCALE_BOOTSTRAP, NOISE_SCALE_DRAWS, step_generator
 
 
 def two_batch_estimates(
-    small_square_norm: float | Tensor, small_size: int, big_square_norm: float | Tensor, big_size: int
+    small_square_norm: float | Tensor,
+    small_size: int,
+    big_square_norm: float | Tensor,
+    big_size: int,
+    *,
+    population: int | None = None,
 ) -> tuple[Any, Any]:
     """Unbiased (|G|², tr(Σ)) from ‖G_b‖² of a batch of b = ``small_size`` and ‖G_B‖² of B = ``big_size``.
 
-    |G|² = (B‖G_B‖² − b‖G_b‖²)/(B − b) and tr(Σ) = (‖G_b‖² − ‖G_B‖²)/(1/b − 1/B), computed as
-    bB(‖G_b‖² − ‖G_B‖²)/(B − b). Norms are floats or tensors (elementwise, same shape); either estimate
-    can be negative for one pair of batches.
+    Drawn with replacement (``population`` None), E‖G_n‖² = ‖G‖² + tr(Σ)·u_n with u_n = 1/n, and
+    |G|² = (B‖G_B‖² − b‖G_b‖²)/(B − b), tr(Σ) = (‖G_b‖² − ‖G_B‖²)/(1/b − 1/B). Drawn without replacement
+    from a ``population`` of N examples (a training step's batch, and a sub-batch of it), u_n = (N − n)/(n(N − 1))
+    (the finite-population correction; u_N = 0: the whole set has no noise), and in general
+
+        |G|² = (u_b‖G_B‖² − u_B‖G_b‖²)/(u_b − u_B),        tr(Σ) = (‖G_b‖² − ‖G_B‖²)/(u_b − u_B),
+
+    Σ with divisor N as in the module docstring. Norms are floats or tensors (elementwise, same shape); either
+    estimate can be negative for one pair of batches.
 
     Raises:
-        ValueError: unless 1 <= small_size < big_size.
+        ValueError: unless 1 <= small_size < big_size, and big_size <= population when it is given.
     """
     if not 1 <= small_size < big_size:
         raise ValueError(
@@ -63,8 +77,18 @@ def two_batch_estimates(
             f"big_size={big_size}: take the small batch strictly smaller than the big one"
         )
     b, big = small_size, big_size
-    gradient_square_norm = (big * big_square_norm - b * small_square_norm) / (big - b)
-    trace = b * big * (small_square_norm - big_square_norm) / (big - b)
+    if population is None:
+        gradient_square_norm = (big * big_square_norm - b * small_square_norm) / (big - b)
+        trace = b * big * (small_square_norm - big_square_norm) / (big - b)
+        return gradient_square_norm, trace
+    if big > population:
+        raise ValueError(
+            f"big_size={big} exceeds population={population}: batches drawn without replacement hold at most "
+            "the whole population"
+        )
+    u_small, u_big = ((population - n) / (n * (population - 1)) for n in (b, big))
+    gradient_square_norm = (u_small * big_square_norm - u_big * small_square_norm) / (u_small - u_big)
+    trace = (small_square_norm - big_square_norm) / (u_small - u_big)
     return gradient_square_norm, trace
 
 
@@ -93,10 +117,18 @@ class NoiseScaleSmoother:
         self._trace_ema = 0.0
 
     def update(
-        self, small_square_norm: float, small_size: int, big_square_norm: float, big_size: int
+        self,
+        small_square_norm: float,
+        small_size: int,
+        big_square_norm: float,
+        big_size: int,
+        *,
+        population: int | None = None,
     ) -> bool:
         """Fold in one step's pair of batches (as :func:`two_batch_estimates`); False if skipped (not finite)."""
-        square_norm, trace = two_batch_estimates(small_square_norm, small_size, big_square_norm, big_size)
+        square_norm, trace = two_batch_estimates(
+            small_square_norm, small_size, big_square_norm, big_size, population=population
+        )
         square_norm, trace = float(square_norm), float(trace)
         if not (math.isfinite(square_norm) and math.isfinite(trace)):
             return False

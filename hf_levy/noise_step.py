@@ -126,14 +126,15 @@ def _update_noise_scale(
     """Fold ‖g_b‖² (b = levy_noise_batch_size) and ‖g_B‖² = ``full_norm``² into ``run.noise_scale``.
 
     B counts the step's examples, this rank's micro-batches times the ranks (an epoch's short last step
-    included).
+    included), at most the N training examples. Both batches are drawn without replacement from those N, so
+    the estimates carry the finite-population correction (at full batch the step's gradient has no noise).
     """
     small = float(run.space.reduce(sub_P.double().square().sum()))
-    b = levy.levy_noise_batch_size
-    big = sum(batch_length(batch) for batch in batches) * rank_and_world()[1]
+    b, population = levy.levy_noise_batch_size, len(run.dataset)
+    big = min(sum(batch_length(batch) for batch in batches) * rank_and_world()[1], population)
     if big <= b:  # a short last step: no larger batch to pair with
         return False
-    return run.noise_scale.update(small, b, full_norm**2, big)
+    return run.noise_scale.update(small, b, full_norm**2, big, population=population)
 
 
 def _host_float(norm: Any) -> float | None:

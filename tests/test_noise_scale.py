@@ -10,6 +10,7 @@ test checks that it tells the two apart.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import pathlib
@@ -78,6 +79,29 @@ def test_two_batch_estimates_on_binary_exact_inputs_and_tensors():
 def test_two_batch_estimates_refuses_sizes_not_ordered(small, big):
     with pytest.raises(ValueError, match=f"small_size={small}, big_size={big}"):
         two_batch_estimates(1.0, small, 1.0, big)
+
+
+def test_without_replacement_the_population_estimates_are_exact_in_expectation():
+    """Every b- and B-subset of the 20 examples enumerated: the estimates are linear in the squared norms, so
+    their expectation is the estimate at the exact E‖G_n‖²; the with-replacement formulas miss by tr(Σ)/(N − 1)."""
+    g_NP = per_example_gradients()
+    square_norm, trace = exact_terms()
+
+    def mean_square_norm(size: int) -> float:
+        subsets = torch.tensor(list(itertools.combinations(range(NUM_EXAMPLES), size)))
+        return float(g_NP[subsets].mean(1).square().sum(1).mean())
+
+    for small, big in [(2, 5), (1, 3), (3, NUM_EXAMPLES)]:
+        norms = (mean_square_norm(small), small, mean_square_norm(big), big)
+        corrected = two_batch_estimates(*norms, population=NUM_EXAMPLES)
+        assert corrected == pytest.approx((square_norm, trace), rel=1e-10), (small, big)
+        naive = two_batch_estimates(*norms)
+        n = NUM_EXAMPLES
+        assert naive == pytest.approx((square_norm - trace / (n - 1), trace * n / (n - 1)), rel=1e-10)
+    # The whole set as the big batch: its gradient is G itself.
+    assert two_batch_estimates(9.0, 2, 4.0, NUM_EXAMPLES, population=NUM_EXAMPLES)[0] == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="big_size=21 exceeds population=20"):
+        two_batch_estimates(1.0, 2, 1.0, 21, population=20)
 
 
 def test_ratio_is_inf_when_the_gradient_is_not_resolved_and_nan_for_zero_gradients():

@@ -6,7 +6,8 @@ found independently of the library: where the 'minibatch' noise is injected at l
 saw exactly g_S, so S is the one 2-subset whose closed-form gradient equals the step; where the measurement
 costs an extra gradient (levy_scale 0, the Hessian basis), S is redrawn with hf_levy.minibatch's functions
 from the micro-batches a recording collator saw. Then ‖G_S‖², ‖G‖² → the two-batch estimates (McCandlish et
-al. 2018, App. A, written out here) → bias-free EMAs with β = 0.95 → their ratio, logged at every step.
+al. 2018, App. A, with the finite-population correction of batches drawn without replacement, written out
+here) → EMAs with β = 0.95 → their ratio, logged at every step.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent / "distributed"))
 from minibatch_train import train  # noqa: E402
 
 KEY = "levy/gradient_noise_scale"
-BETA, SMALL, BIG = 0.95, 2, 6
+BETA, SMALL, BIG, N = 0.95, 2, 6, 6  # the step's batch is the whole training set
 
 
 def expected_log(weights: list[torch.Tensor], subsets: list[tuple[int, ...]], every: int = 1) -> list:
@@ -39,8 +40,12 @@ def expected_log(weights: list[torch.Tensor], subsets: list[tuple[int, ...]], ev
         if step % every == 0:
             small = float(gradient(w, list(subsets[step // every])).square().sum())
             big = float(gradient(w, list(range(BIG))).square().sum())
-            square_norm = (BIG * big - SMALL * small) / (BIG - SMALL)
-            trace = (small - big) / (1 / SMALL - 1 / BIG)
+            # Without replacement from the N = 6 examples: E‖g_n‖² = ‖G‖² + tr(Σ)·(N − n)/(n(N − 1)).
+            u_small, u_big = ((N - n) / (n * (N - 1)) for n in (SMALL, BIG))
+            square_norm = (u_small * big - u_big * small) / (
+                u_small - u_big
+            )  # = big: a full batch has no noise
+            trace = (small - big) / (u_small - u_big)
             square_norm_ema = BETA * square_norm_ema + (1 - BETA) * square_norm
             trace_ema = BETA * trace_ema + (1 - BETA) * trace
         logged.append(trace_ema / square_norm_ema if square_norm_ema > 0 else None)
