@@ -3,7 +3,9 @@
 Imported by tests/test_noise_scale.py (one process) and run there under `torchrun --nproc_per_node 2` (gloo):
 ``--out DIR`` writes ``rank{r}.pt`` with the estimates of :data:`CASES` (the model wrapped in DDP for the
 last one), each batch split across the ranks, and those of a copy sharded by FSDP2 (``fully_shard``: its three
-weights split 2 + 1 over the ranks).
+weights split 2 + 1 over the ranks). It also runs the Trainer's measurement, :func:`hf_levy.noise_step.measure_noise_scale`,
+on a step whose batch is the first three examples on rank 0 and the next three on rank 1 (:data:`STEP_ROWS`), for
+:data:`MEASURED_STEPS` steps, replicated and FSDP-sharded, and keeps the smoother's state.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -20,6 +23,7 @@ from torch.distributed.fsdp import fully_shard
 from hf_levy.noise_scale import gradient_noise_scale
 
 NUM_EXAMPLES, DIM = 20, 3
+STEP_ROWS, MEASURED_STEPS, NOISE_BATCH = 3, 4, 2  # each rank's micro-batch of the step; steps; b
 # (small, big, draws, seed): 3 of 8 splits unevenly over two ranks; with 1 the second rank has no small share.
 CASES = [(3, 8, 12, 0), (1, 5, 12, 1), (2, 6, 12, 2)]
 
@@ -66,6 +70,38 @@ def estimate(model: torch.nn.Module, small: int, big: int, draws: int, seed: int
     )
 
 
+def trainer_measurement(model: torch.nn.Module) -> dict[str, float]:
+    """The smoother's state after :data:`MEASURED_STEPS` measurements of the same step (other draws), each rank
+    holding its rows of the step's batch, ``.grad`` the batch's mean gradient, as after the Trainer's backward."""
+    from hf_levy.config import LevyArguments
+    from hf_levy.noise_scale import NoiseScaleSmoother
+    from hf_levy.noise_step import measure_noise_scale
+    from hf_levy.params import ParameterSpace, is_sharded, trainable_parameters
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    data = dataset()
+    batch = collate(data[rank * STEP_ROWS : (rank + 1) * STEP_ROWS])
+    params = trainable_parameters(model)
+    model(**batch)["loss"].backward()  # FSDP averages the ranks' gradients; replicated, average them here
+    if not any(is_sharded(p) for p in params):
+        for p in params:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+    run = SimpleNamespace(
+        model=model,
+        params=params,
+        space=ParameterSpace(params),
+        seed=0,
+        dataset=data,
+        step_batches=[batch],
+        noise_scale=NoiseScaleSmoother(),
+    )
+    levy = LevyArguments(levy_noise_batch_size=NOISE_BATCH, gradient_noise_scale_every_n_steps=1)
+    for step in range(MEASURED_STEPS):
+        assert measure_noise_scale(run, levy, step)
+    return run.noise_scale.state_dict()
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -77,11 +113,15 @@ def main(argv: list[str]) -> None:
     results.append(estimate(torch.nn.parallel.DistributedDataParallel(model), *CASES[-1]))
     sharded = fully_shard(Regression(), mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
     fsdp = [estimate(sharded, *case) for case in CASES]
+    measured = {"replicated": trainer_measurement(Regression())}
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    measured["fsdp"] = trainer_measurement(fully_shard(Regression(), mesh=mesh))
     torch.save(
         {
             "world_size": dist.get_world_size(),
             "estimates": [r.__dict__ for r in results],
             "fsdp_estimates": [r.__dict__ for r in fsdp],
+            "trainer_measurement": measured,
         },
         os.path.join(cli.out, f"rank{dist.get_rank()}.pt"),
     )
