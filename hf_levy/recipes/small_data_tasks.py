@@ -1,7 +1,7 @@
 """Small-data tasks without grokking's long plateau, for the batch-gap question.
 
 The question: "does a small batch reach a held-out target in fewer optimizer steps than the full batch?"
-(docs/research_task_search.md holds the answers).
+(docs/research/task_search.md holds the answers).
 
 - :func:`sparse_parity`: the parity of ``k`` secret bits of ``n`` random ±1 bits (Barak et al. 2022), for the
   MLP of the digits recipe (``MLPClassifier``); the metric is test accuracy on fresh strings.
