@@ -97,6 +97,13 @@ def make_plots(runs: list[dict[str, Any]], metric: str, folder: pathlib.Path) ->
         "λ_1",
         lines("curvature/eigenvalue_0", at_sketch=True),
     )
+    figure(
+        "gradient_noise_scale",
+        "gradient noise scale B_simple = tr(Σ)/‖G‖²",
+        "optimizer step",
+        "examples",
+        lines("levy/gradient_noise_scale"),
+    )
     figure("noise_to_grad_ratio", "‖ξ‖ / ‖g‖", "optimizer step", "ratio", lines("levy/noise_to_grad_ratio"))
     figure(
         "fitted_alpha",

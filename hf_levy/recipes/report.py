@@ -16,6 +16,7 @@ from typing import Any
 
 from hf_levy.recipes.arm_files import read_json, write_text
 from hf_levy.recipes.batch_gap import batch_gap_section
+from hf_levy.recipes.noise_scale_report import noise_scale_section
 from hf_levy.recipes.plots import make_plots
 from hf_levy.recipes.recipe import load_recipe
 from hf_levy.recipes.seed_rule import (
@@ -95,6 +96,7 @@ def build_report(run_dir: str | pathlib.Path) -> pathlib.Path:
         "",
         *capped_warning(summaries),
         *batch_gap_section(runs),
+        *noise_scale_section(runs),
         *alpha_study(summaries),
         *calibrated_arms(summaries),
         *overrides_section(summaries),

@@ -1,0 +1,56 @@
+"""The report's gradient-noise-scale section: B_simple over training and each arm's batch relative to it.
+
+B_simple = tr(Σ)/‖G‖² (examples) is logged as ``levy/gradient_noise_scale`` by the arms that measure it (the
+``minibatch`` bases, or ``gradient_noise_scale_every_n_steps``). Per arm and seed the section shows the median
+of the logged values and the last one; the recipe's B_simple is the median over every run that logged it,
+and each arm's batch (examples per optimizer step) is set beside it: a batch well above B_simple is past the
+critical batch size, where more examples per step buy few fewer steps (McCandlish et al. 2018).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+NOISE_SCALE = "levy/gradient_noise_scale"
+
+
+def logged_noise_scale(run: dict[str, Any]) -> list[float]:
+    """The run's logged B_simple values in step order."""
+    return [h[NOISE_SCALE] for h in run["history"] if NOISE_SCALE in h]
+
+
+def noise_scale_section(runs: list[dict[str, Any]]) -> list[str]:
+    """The markdown section; empty when no run logged ``levy/gradient_noise_scale``."""
+    medians = {
+        (r["summary"]["arm"], r["summary"]["seed"]): (statistics.median(v), v[-1])
+        for r in runs
+        if (v := logged_noise_scale(r))
+    }
+    if not medians:
+        return []
+    reference = statistics.median(m for m, _ in medians.values())
+    lines = [
+        "## Gradient noise scale",
+        "",
+        f"B_simple = tr(Σ)/‖G‖² (`{NOISE_SCALE}`, examples), median over training and last value, per seed, "
+        f"for the arms that measured it. The recipe's B_simple: {reference:,.0f} (median over those runs). "
+        "A batch well above it is past the critical batch size: more examples per step buy few fewer steps.",
+        "",
+        "| arm | batch (examples per step) | batch / B_simple | B_simple per seed: median (last) |",
+        "|---|---:|---:|---|",
+    ]
+    arms: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        arms.setdefault(r["summary"]["arm"], []).append(r["summary"])
+    for arm, group in arms.items():
+        batches = sorted({s["global_batch_size"] for s in group if s.get("global_batch_size")})
+        batch = "—" if not batches else ", ".join(f"{b:,}" for b in batches)
+        ratio = "—" if not batches else ", ".join(f"{b / reference:.2f}" for b in batches)
+        measured = [
+            f"seed {s['seed']}: {medians[arm, s['seed']][0]:,.0f} ({medians[arm, s['seed']][1]:,.0f})"
+            for s in group
+            if (arm, s["seed"]) in medians
+        ]
+        lines.append(f"| {arm} | {batch} | {ratio} | {'; '.join(measured) or '—'} |")
+    return [*lines, ""]
