@@ -9,15 +9,19 @@ Where it acts in the loop (transformers 5.x ``Trainer._run_epoch``):
   reduce-scatter, fp16 unscaling and ``max_grad_norm`` clipping, right before ``optimizer.step()``, and
   never on a step the loop skips): add ξ to ``.grad``. Under DeepSpeed the step has already run by then:
   ξ enters through :mod:`hf_levy.zero_seam` instead.
-* ``on_log``: merge the ``curvature/`` and ``levy/`` metrics into the training log entry. The callback
-  moves itself to the head of the callback list (at ``on_init_end`` and ``on_train_begin``), so the
-  reporting callbacks of ``report_to``, which come before a user's, see them.
+* ``on_log``: merge the ``curvature/`` and ``levy/`` metrics into the training log entry (in a
+  :class:`hf_levy.LevyTrainer`, or a trainer it was attached to, the trainer's ``log`` does it first).
+  A callback passed in ``callbacks=[...]`` moves itself to the head of the callback list (at
+  ``on_init_end`` and ``on_train_begin``), so the reporting callbacks of ``report_to``, which come before a
+  user's, see them.
 * ``on_save``: write the :mod:`hf_levy.levy_state` file into the checkpoint; on resume it is read back
   (see :mod:`hf_levy.callback_wiring` for how a callback finds the checkpoint).
 
-:meth:`LevyCallback.attach` is needed only for what no event carries: the gradient norm before
-``max_grad_norm`` clipping (calibration), and the exact folder of a resumed checkpoint when it is neither
-``output_dir/checkpoint-<step>`` nor the arguments' ``resume_from_checkpoint``.
+:class:`hf_levy.LevyTrainer` (or :meth:`LevyCallback.attach`, which gives another Trainer class its
+overrides) is needed only for what no event carries: the gradient norm before ``max_grad_norm`` clipping
+(calibration), each optimizer step's micro-batches (the 'minibatch' bases, the noise scale), and the exact
+folder of a resumed checkpoint when it is neither ``output_dir/checkpoint-<step>`` nor the arguments'
+``resume_from_checkpoint``.
 
 Legend: P trainable parameters (flat; this rank's padded piece under FSDP), K eigenpairs.
 """
@@ -33,7 +37,7 @@ from typing import Any
 from torch import Tensor
 from transformers import TrainerCallback
 
-from hf_levy.callback_wiring import checkpoint_folder, install_first, move_to_front, resumed_checkpoint
+from hf_levy.callback_wiring import checkpoint_folder, move_to_front, resumed_checkpoint
 from hf_levy.config import LevyArguments
 from hf_levy.hvp import DoubleBackwardError, LossFn
 from hf_levy.levy_state import load_levy_state, save_levy_state
@@ -86,11 +90,19 @@ class LevyCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ wiring
     def attach(self, trainer: Any) -> LevyCallback:
-        """Install into ``trainer``: first in the callback list (so loggers see the metrics), around its
-        checkpoint save (the file is then in the folder before a Hub push of it starts) and load, and
-        around its gradient clipping (the pre-clip norm). Returns self."""
-        install_first(self, trainer)
-        self._attached = True
+        """Install into ``trainer`` (any ``transformers.Trainer``); returns self.
+
+        The callback goes first in its callback list, and the trainer gets the overrides of
+        :class:`hf_levy.LevyTrainer` (:func:`hf_levy.trainer.attach`): the checkpoint save (the file is then
+        in the folder before a Hub push of it starts) and load, the gradient clipping (the pre-clip norm),
+        the step's micro-batches and ``log``.
+
+        Raises:
+            ValueError: when ``trainer`` already has another LevyCallback.
+        """
+        from hf_levy.trainer import attach  # the trainer module imports this one
+
+        attach(self, trainer)
         return self
 
     def _saving(self, checkpoint_dir: str, args: Any, step: int) -> None:
@@ -114,8 +126,11 @@ class LevyCallback(TrainerCallback):
         self._pre_clip_norm = pre_clip_norm
 
     def save_state(self, checkpoint_dir: str, args: Any) -> None:
-        """Write the sketch, the calibration, the schedule and the run's noise tally into ``checkpoint_dir``: by
-        the main process (vectors identical on all ranks), or under FSDP by every rank, each its piece."""
+        """Write the sketch, the calibration, the schedule and the run's noise tally into ``checkpoint_dir``.
+
+        Written by the main process (vectors identical on all ranks), or under FSDP by every rank, each its
+        piece.
+        """
         run = self.run
         if run is None or not (run.space.sharded or args.should_save):
             return
@@ -128,8 +143,11 @@ class LevyCallback(TrainerCallback):
         )
 
     def load_state(self, checkpoint_dir: str | None) -> None:
-        """Read the sketch saved in ``checkpoint_dir``; it is checked against the run and installed when
-        training begins. Raises ValueError naming the file when it cannot be read."""
+        """Read the sketch saved in ``checkpoint_dir``; it is checked and installed when training begins.
+
+        Raises:
+            ValueError: naming the file, when it cannot be read.
+        """
         if not checkpoint_dir:
             return
         self._resumed_from = checkpoint_dir
@@ -156,11 +174,17 @@ class LevyCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ events
     def on_init_end(self, args, state, control, **kwargs):
+        """Move to the head of the callback list (see :meth:`on_log`)."""
         self._to_front()
 
     def on_train_begin(
         self, args, state, control, model=None, train_dataloader=None, optimizer=None, **kwargs
     ):
+        """Check the setup and start this run's state (with a resumed checkpoint's sketch).
+
+        Raises:
+            ValueError: naming the setting and the fix, for a setup the levy fields cannot run on.
+        """
         self._to_front()  # again: add_callback appends after the Trainer's construction
         subbatch = self.levy.levy_noise_basis in MINIBATCH_BASES
         if subbatch and not self._attached:
@@ -210,6 +234,7 @@ class LevyCallback(TrainerCallback):
         )
 
     def on_save(self, args, state, control, **kwargs):
+        """Write the sketch into the checkpoint just saved (unless the trainer's override wrote it before)."""
         if self._saved_step == state.global_step:  # attach wrote it before the Trainer's own files
             return
         folder = checkpoint_folder(args, state)
@@ -223,6 +248,7 @@ class LevyCallback(TrainerCallback):
             )
 
     def on_step_begin(self, args, state, control, **kwargs):
+        """Refresh the sketch when its schedule says so (then calibrate, when asked to)."""
         run = self.run
         step = state.global_step
         if self.levy.levy_noise_basis == "minibatch":  # nothing reads the eigenvectors
@@ -256,6 +282,7 @@ class LevyCallback(TrainerCallback):
         run.sketch_metrics["curvature/sketch_seconds"] = run.schedule.refresh_seconds
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        """Add this step's noise to the gradient (and measure the gradient noise scale when due)."""
         run, levy, step = self.run, self.levy, state.global_step
         if isinstance(run.space, ZeroSpace):
             run.step_batches = []
@@ -275,16 +302,22 @@ class LevyCallback(TrainerCallback):
         run.step_batches = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or not ("loss" in logs or "train_runtime" in logs):  # training logs and the summary
+        """Add the metrics to a training log and the summary, when no trainer override did it before."""
+        if self._attached or logs is None:  # the trainer's log() merged them before any callback ran
             return
-        run = self.run
-        warn_if_mostly_capped(run, self.levy)
-        alpha = None if self.levy.levy_noise_basis in MINIBATCH_BASES else self.levy.levy_alpha
-        metrics = run.log_metrics(summary="loss" not in logs, alpha=alpha)
+        metrics = self._log_metrics(logs)
         logs.update(metrics)
         # The Trainer appended this entry before calling on_log: copy the metrics into it (saved logs see them).
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+        if metrics and state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
+
+    def _log_metrics(self, logs: dict[str, Any]) -> dict[str, float]:
+        """The metrics to add to ``logs``: for a training log and the end-of-training summary, else none."""
+        if self.run is None or not ("loss" in logs or "train_runtime" in logs):
+            return {}
+        warn_if_mostly_capped(self.run, self.levy)
+        alpha = None if self.levy.levy_noise_basis in MINIBATCH_BASES else self.levy.levy_alpha
+        return self.run.log_metrics(summary="loss" not in logs, alpha=alpha)
 
     # ------------------------------------------------------------------ stages
     def refresh_sketch(self, step: int) -> dict[str, float]:

@@ -6,14 +6,14 @@ matter: the reporting callbacks of ``report_to`` (TensorBoard, W&B, ...) come be
 list and read ``logs`` before a later callback adds the ``curvature/`` and ``levy/`` metrics; and a
 resumed run needs the sketch saved in its checkpoint. This module finds both where it can, so that
 :class:`hf_levy.LevyCallback` works as HF users write it; where it cannot, the callback warns and names
-``LevyCallback(...).attach(trainer)`` or :class:`hf_levy.LevyTrainer`.
+``LevyCallback(...).attach(trainer)`` or :class:`hf_levy.LevyTrainer`, whose overrides hand it both.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
-import sys
 from typing import Any
 
 from transformers import TrainerCallback, TrainerState
@@ -22,73 +22,27 @@ from transformers.trainer_callback import CallbackHandler
 TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer's state in each checkpoint folder
 
 
-def install_first(callback: Any, trainer: Any) -> None:
-    """``LevyCallback.attach``: put ``callback`` first in ``trainer``'s list and wrap four Trainer methods.
-
-    The callback is put there once, even if it was passed in ``callbacks=[...]`` too. The four methods are
-    those no public event replaces: the checkpoint save (the sketch file goes in before the Trainer's own
-    files, so a Hub push of the folder includes it), the checkpoint load (the exact folder resumed from), the
-    gradient clipping (the pre-clip norm) and the drawing of an optimizer step's micro-batches (the sub-batch
-    of the 'minibatch' noise bases).
-    """
-    callbacks = trainer.callback_handler.callbacks
-    if any(c is callback for c in callbacks):
-        callbacks.remove(callback)
-    callbacks.insert(0, callback)
-    save_checkpoint, load_optimizer = trainer._save_checkpoint, trainer._load_optimizer_and_scheduler
-
-    def _save_checkpoint(model, trial):
-        step = trainer.state.global_step
-        folder = os.path.join(trainer._get_output_dir(trial=trial), f"checkpoint-{step}")
-        callback._saving(folder, trainer.args, step)
-        save_checkpoint(model, trial)
-
-    def _load_optimizer_and_scheduler(checkpoint):
-        load_optimizer(checkpoint)
-        callback.load_state(checkpoint)
-
-    trainer._save_checkpoint = _save_checkpoint
-    trainer._load_optimizer_and_scheduler = _load_optimizer_and_scheduler
-    clip_grad_norm = getattr(trainer, "_clip_grad_norm", None)
-    if clip_grad_norm is not None:  # transformers 5.x: returns the pre-clip norm
-
-        def _clip_grad_norm(model):
-            norm = clip_grad_norm(model)
-            callback._clipped(norm)
-            return norm
-
-        trainer._clip_grad_norm = _clip_grad_norm
-
-    get_batch_samples = trainer.get_batch_samples
-
-    def _get_batch_samples(epoch_iterator, num_batches, *rest, **kwargs):
-        batches, num_items = get_batch_samples(epoch_iterator, num_batches, *rest, **kwargs)
-        callback._step_batches(batches)
-        return batches, num_items
-
-    trainer.get_batch_samples = _get_batch_samples
-
-
 def move_to_front(callback: TrainerCallback) -> bool:
-    """Move ``callback`` to the head of the list of the Trainer that is running one of its events.
+    """Move ``callback`` to the head of the callback list of every Trainer that holds it.
 
-    Call it from inside an event. The Trainer hands callbacks no reference to its ``CallbackHandler``, so
-    the handler is found up the call stack (its ``call_event`` loop is the caller). Moving the running
-    callback is safe for that loop: the callbacks after it keep their positions. Returns False when no
-    handler holding ``callback`` was found.
+    Callbacks get no reference to their Trainer or its ``CallbackHandler``, so the handlers are found among
+    the objects that hold ``callback`` (``gc.get_referrers``: a handler's list of callbacks, then the handler
+    or its attribute dict). Safe inside an event: the callbacks after the running one keep their positions
+    in the handler's loop. Returns False when no handler holds ``callback``.
     """
-    frame = sys._getframe(1)
-    for _ in range(8):  # the event, call_event, on_<event>: a few frames at most
-        if frame is None:
-            break
-        handler = frame.f_locals.get("self")
-        if isinstance(handler, CallbackHandler) and any(c is callback for c in handler.callbacks):
-            if handler.callbacks[0] is not callback:
-                handler.callbacks.remove(callback)
-                handler.callbacks.insert(0, callback)
-            return True
-        frame = frame.f_back
-    return False
+    lists = [r for r in gc.get_referrers(callback) if type(r) is list]
+    handlers = []
+    for holder in gc.get_referrers(*lists) if lists else ():
+        if isinstance(holder, CallbackHandler):
+            handlers.append(holder)
+        elif type(holder) is dict and any(holder.get("callbacks") is c for c in lists):  # its __dict__
+            handlers += [h for h in gc.get_referrers(holder) if isinstance(h, CallbackHandler)]
+    handlers = [h for h in handlers if any(h.callbacks is c for c in lists)]
+    for handler in handlers:
+        if handler.callbacks[0] is not callback:
+            handler.callbacks.remove(callback)
+            handler.callbacks.insert(0, callback)
+    return bool(handlers)
 
 
 def checkpoint_folder(args: Any, state: TrainerState) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hf_levy import rng
+from hf_levy import _compat, rng
 from hf_levy.hvp import LossFn, make_hvp
 from hf_levy.params import ParameterSpace, rank_and_world, sum_over_ranks
 from hf_levy.rng import step_generator
@@ -107,10 +107,10 @@ def _rank_averaged(hvp: Callable[[Tensor], Tensor], weight: float, space: Parame
 def full_precision_forward(model: nn.Module) -> Iterator[None]:
     """Run ``model`` without the autocast wrapper Accelerate puts around its forward for bf16/fp16 training.
 
-    Accelerate keeps the unwrapped forward as ``model._original_forward``; it is swapped in for the block and
-    the wrapped one put back after, so training itself keeps its mixed precision.
+    Accelerate keeps the unwrapped forward (:func:`hf_levy._compat.accelerate_original_forward`); it is swapped
+    in for the block and the wrapped one put back after, so training itself keeps its mixed precision.
     """
-    original = model.__dict__.get("_original_forward")
+    original = _compat.accelerate_original_forward(model)
     wrapped = model.__dict__.get("forward")
     if original is None or wrapped is None:
         yield

@@ -20,6 +20,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from hf_levy import _compat
+
 WRAPPED = "_hf_levy_before_step"  # the ZeRO optimizer attribute holding the current hook
 
 
@@ -38,15 +40,15 @@ def install_before_step(optimizer: Any, before_step: Callable[[float], float]) -
 
     def step(*args: Any, **kwargs: Any) -> Any:
         # Off only for this call: DeepSpeed saves clip_grad in its checkpoints, which must keep the setting.
-        max_norm = float(optimizer.clip_grad or 0.0)
+        max_norm = float(_compat.get(optimizer, _compat.DS_CLIP_GRAD) or 0.0)
         norm = getattr(optimizer, WRAPPED)(max_norm)
-        optimizer.clip_grad = 0.0
+        _compat.set_existing(optimizer, _compat.DS_CLIP_GRAD, 0.0)
         try:
             result = original(*args, **kwargs)
         finally:
-            optimizer.clip_grad = max_norm
-        if math.isfinite(norm) and not getattr(optimizer, "overflow", False):
-            optimizer._global_grad_norm = norm
+            _compat.set_existing(optimizer, _compat.DS_CLIP_GRAD, max_norm)
+        if math.isfinite(norm) and not _compat.get(optimizer, _compat.DS_OVERFLOW, False):
+            _compat.set_existing(optimizer, _compat.DS_GLOBAL_GRAD_NORM, norm)
         return result
 
     optimizer.step = step

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from hf_levy import _compat
 from hf_levy.params import ParameterSpace, rank_and_world, sum_over_ranks
 
 
@@ -68,7 +69,8 @@ def owned_range(p: Tensor, rank: int) -> tuple[int, int]:
         size = p.ds_tensor.numel()
         start = rank * size
         return start, max(0, min(size, p.ds_numel - start))
-    mapping = getattr(p, "_hp_mapping", None)  # stages 1, 2: set by DeepSpeed for owned fragments only
+    # stages 1, 2: DeepSpeed links a parameter to its owned fragment only
+    mapping = _compat.get(p, _compat.DS_HP_MAPPING, None)
     if mapping is None:
         return 0, 0
     return mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
@@ -125,7 +127,8 @@ class ZeroSpace(ParameterSpace):
                 out.append(safe_get_local_grad(p).reshape(-1)[:n])
             else:
                 # view, not reshape: the noise must land in DeepSpeed's buffer, never in a silent copy
-                out.append(p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).view(-1))
+                mapping = _compat.get(p, _compat.DS_HP_MAPPING)
+                out.append(mapping.get_lp_grad_fragment(_compat.get(p, _compat.DS_INDEX_IN_GROUP)).view(-1))
         return out
 
     def _write(self, p: Tensor, fragment: Tensor, n: int) -> None:

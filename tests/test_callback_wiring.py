@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from trainer_utils import COMMON, SKETCH, flat_params, model, token_dataset
+from trainer_utils import COMMON, OVERRIDDEN, SKETCH, flat_params, model, token_dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from hf_levy import LevyArguments, LevyCallback
@@ -183,3 +183,20 @@ def test_a_trial_checkpoint_the_callback_cannot_see_is_warned_about_once(tmp_pat
     assert (tmp_path / "trial-3" / "checkpoint-4").is_dir()
     warned = [r.getMessage() for r in caplog.records if "cannot save the sketch" in r.getMessage()]
     assert len(warned) == 1 and "checkpoint of step 2" in warned[0]
+
+
+def test_attach_overrides_by_subclassing_and_patches_no_method_on_the_instance(tmp_path):
+    trainer, levy = plain_trainer(tmp_path / "attached", max_steps=2)
+    levy.attach(trainer)
+    assert isinstance(trainer, Trainer) and type(trainer).__name__ == "TrainerWithLevy"
+    patched = OVERRIDDEN
+    assert not patched & vars(trainer).keys()
+    trainer.train()
+    assert "curvature/eigenvalue_0" in next(h for h in trainer.state.log_history if "loss" in h)
+
+
+def test_a_second_levy_callback_is_refused_by_an_attached_trainer(tmp_path):
+    trainer, levy = plain_trainer(tmp_path / "twice", max_steps=2)
+    levy.attach(trainer)
+    with pytest.raises(ValueError, match="already has a LevyCallback"):
+        levy_callback().attach(trainer)

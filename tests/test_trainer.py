@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_callback_wiring import Recorder
-from trainer_utils import COMMON, SKETCH, flat_params, model, run_levy, run_stock, token_dataset
-from transformers import TrainerCallback, TrainingArguments, default_data_collator
+from trainer_utils import COMMON, OVERRIDDEN, SKETCH, flat_params, model, run_levy, run_stock, token_dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 import hf_levy.calibration
 import hf_levy.callback
@@ -467,6 +467,13 @@ def test_levy_trainer_puts_its_callback_ahead_of_the_users_reporting_callbacks(t
     trainer = run_levy(tmp_path, max_steps=2, levy_scale=0.5, callbacks=[recorder])
     assert trainer.callback_handler.callbacks[0] is trainer.levy_callback
     assert {"curvature/eigenvalue_0", "levy/noise_norm"} <= set(recorder.logs[0])
+
+
+def test_levy_trainer_overrides_as_methods_and_patches_nothing_on_the_instance(tmp_path):
+    trainer = run_levy(tmp_path, max_steps=2, levy_scale=0.5)
+    patched = OVERRIDDEN
+    assert not patched & vars(trainer).keys()
+    assert all(getattr(LevyTrainer, name) is not getattr(Trainer, name) for name in patched)
 
 
 def test_with_levy_scale_zero_no_noise_is_drawn_or_logged(tmp_path):

@@ -20,6 +20,14 @@ COMMON = dict(
     seed=0,
     dataloader_num_workers=0,
 )
+# The Trainer methods LevyTrainer (and a trainer LevyCallback.attach was given) overrides.
+OVERRIDDEN = {
+    "_save_checkpoint",
+    "_load_optimizer_and_scheduler",
+    "_clip_grad_norm",
+    "get_batch_samples",
+    "log",
+}
 SKETCH = dict(num_eigenpairs=2, lanczos_num_iters=8, sketch_every_n_steps=3, sketch_batch_size=8)
 
 
