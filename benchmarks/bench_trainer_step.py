@@ -59,7 +59,7 @@ from transformers import (
     default_data_collator,
 )
 
-import hf_levy.schedule
+import hf_levy._schedule
 from hf_levy import LevyConfig, LevyTrainer
 from hf_levy.config import LevyArguments
 
@@ -317,11 +317,11 @@ def budget_part(size, seq_len, batch, steps, budget) -> list[str]:
     def own_time() -> float:  # LevyTrainer's wall clock without the other arms' turns
         return time.perf_counter() - rr_holder[0].waited["LevyTrainer"]
 
-    hf_levy.schedule.time = types.SimpleNamespace(perf_counter=own_time)
+    hf_levy._schedule.time = types.SimpleNamespace(perf_counter=own_time)
     try:
         times = run_round_robin(arms, rr_holder)
     finally:  # later parts of the same run time the refresh schedule with the real clock
-        hf_levy.schedule.time = time
+        hf_levy._schedule.time = time
     history = arms["LevyTrainer"].state.log_history
     refreshes = [h["step"] - 1 for h in history if "curvature/eigenvalue_0" in h]  # logged one step later
     total = history[-1].get("curvature/sketch_seconds_total", float("nan"))

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hf_levy import rng
+from hf_levy import _rng
+from hf_levy._rng import step_generator
 from hf_levy.hvp import LossFn, loss_gradient
 from hf_levy.params import (
     ParameterSpace,
@@ -39,7 +40,6 @@ from hf_levy.params import (
     rank_and_world,
     sum_over_ranks,
 )
-from hf_levy.rng import step_generator
 from hf_levy.stable import alpha_from_log_moments, scale_from_log_moments
 
 # Fitted α is clipped into this range. Above 2 there is no stable law. Below 0.5 an estimate from
@@ -299,7 +299,7 @@ def calibrate_to_virtual_batch(
     c_inj = :func:`injected_scale` tops the physical batch's own noise up to the batch-b level.
     """
     b, m = virtual_batch_size, num_microbatches
-    indices = torch.randint(len(dataset), (m, b), generator=step_generator(seed + rng.CALIBRATION, step))
+    indices = torch.randint(len(dataset), (m, b), generator=step_generator(seed + _rng.CALIBRATION, step))
     rank, world = rank_and_world()
     mine = list(range(m)) if space.sharded else list(range(rank, m, world))
     share = slice(rank, None, world) if space.sharded else slice(None)

@@ -3,7 +3,7 @@
 Where it acts in the loop (transformers 5.x ``Trainer._run_epoch``):
 
 * ``on_step_begin`` (once per optimizer step, before its first micro-batch): refresh the sketch when the
-  :class:`~hf_levy.schedule.RefreshSchedule` says so. Products never write ``.grad`` (FSDP's are saved and
+  :class:`~hf_levy._schedule.RefreshSchedule` says so. Products never write ``.grad`` (FSDP's are saved and
   restored), so DDP buckets and the gradient-accumulation state are untouched.
 * ``on_pre_optimizer_step`` (once per optimizer step, after accumulation, the DDP all-reduce or FSDP
   reduce-scatter, fp16 unscaling and ``max_grad_norm`` clipping, right before ``optimizer.step()``, and
@@ -14,7 +14,7 @@ Where it acts in the loop (transformers 5.x ``Trainer._run_epoch``):
   A callback passed in ``callbacks=[...]`` moves itself to the head of the callback list (at
   ``on_init_end`` and ``on_train_begin``), so the reporting callbacks of ``report_to``, which come before a
   user's, see them.
-* ``on_save``: write the :mod:`hf_levy.levy_state` file into the checkpoint; on resume it is read back
+* ``on_save``: write the :mod:`hf_levy._checkpoint` file into the checkpoint; on resume it is read back
   (see :mod:`hf_levy.callback_wiring` for how a callback finds the checkpoint).
 
 :class:`hf_levy.LevyTrainer` (or :meth:`LevyCallback.attach`, which gives another Trainer class its
@@ -37,15 +37,14 @@ from typing import Any
 from torch import Tensor
 from transformers import TrainerCallback
 
+from hf_levy._checkpoint import load_levy_state, save_levy_state
+from hf_levy._run import MINIBATCH_BASES, LevyRun, OnceWarnings
+from hf_levy._run_setup import start_run
 from hf_levy.callback_wiring import checkpoint_folder, move_to_front, resumed_checkpoint
 from hf_levy.config import LevyArguments
 from hf_levy.hvp import DoubleBackwardError, LossFn
-from hf_levy.levy_state import load_levy_state, save_levy_state
-from hf_levy.noise_step import add_minibatch_noise, add_step_noise, measure_noise_scale
 from hf_levy.params import rank_and_world
 from hf_levy.progress import counted, sketch_progress
-from hf_levy.run_state import MINIBATCH_BASES, LevyRun, start_run
-from hf_levy.run_warnings import warn_if_mostly_capped, warn_if_sketch_failed, warn_if_unconverged
 from hf_levy.sketch import SketchDiscardedWarning
 from hf_levy.sketch_hvp import sketch_batch, sketch_matvec
 from hf_levy.zero_seam import install_before_step
@@ -85,7 +84,7 @@ class LevyCallback(TrainerCallback):
         self._saved_step: int | None = None  # the step whose checkpoint attach already wrote the file into
         self._show_progress = False  # the sketch's progress bar: main process, unless disable_tqdm
         self._pre_clip_norm: Any = None  # this step's gradient norm before max_grad_norm clipping
-        self._warned: set[str] = set()  # the callback's own once-per-callback warnings
+        self._warnings = OnceWarnings(logger)  # the callback's own, once per callback (a run's: once per run)
         self._state: Any = None  # the TrainerState, for the DeepSpeed seam
 
     # ------------------------------------------------------------------ wiring
@@ -106,12 +105,12 @@ class LevyCallback(TrainerCallback):
         return self
 
     def _saving(self, checkpoint_dir: str, args: Any, step: int) -> None:
-        """attach's hook before the Trainer writes checkpoint ``step``: the sketch goes in first."""
+        """Before the trainer writes checkpoint ``step`` (its override): the sketch goes in first."""
         self.save_state(checkpoint_dir, args)
         self._saved_step = step
 
     def _step_batches(self, batches: list[Any]) -> None:
-        """attach's hook when the Trainer has drawn an optimizer step's micro-batches.
+        """When the trainer has drawn an optimizer step's micro-batches (its override).
 
         The 'minibatch' bases and the noise scale's extra gradient draw their sub-batch from them.
         """
@@ -122,7 +121,7 @@ class LevyCallback(TrainerCallback):
             self.run.step_batches = list(batches)
 
     def _clipped(self, pre_clip_norm: Any) -> None:
-        """attach's hook after max_grad_norm clipping: the norm before it (calibration needs it)."""
+        """After max_grad_norm clipping (the trainer's override): the norm before it (calibration needs it)."""
         self._pre_clip_norm = pre_clip_norm
 
     def save_state(self, checkpoint_dir: str, args: Any) -> None:
@@ -158,11 +157,9 @@ class LevyCallback(TrainerCallback):
             )
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned and rank_and_world()[0] == 0:
-            logger.warning(
-                "hf_levy: %s. Use hf_levy.LevyTrainer or LevyCallback(...).attach(trainer)", message
-            )
-        self._warned.add(key)
+        self._warnings.warn(
+            key, "hf_levy: %s. Use hf_levy.LevyTrainer or LevyCallback(...).attach(trainer)", message
+        )
 
     def _to_front(self) -> None:
         # attach placed it first already; a callback a user puts before it afterwards stays there.
@@ -262,7 +259,7 @@ class LevyCallback(TrainerCallback):
                 run.sketch_metrics = self.refresh_sketch(step)
             failed = run.sketch.failure is not None
             if not failed:
-                warn_if_unconverged(run, self.levy, step)
+                run.warn_if_unconverged(self.levy, step)
             if not failed and isinstance(run.space, ZeroSpace):
                 run.space.orient_(run.sketch.vectors_PK)
             if rank_and_world()[1] > 1 and not failed and not run.space.sharded:
@@ -275,7 +272,7 @@ class LevyCallback(TrainerCallback):
                 run.sketch_metrics.update(self.calibrate(step))
         if failed:
             run.failed_refreshes += 1
-            warn_if_sketch_failed(run, self.levy, step)
+            run.warn_sketch_failed(self.levy, step)
         elif previous is not None:
             run.sketch_metrics["curvature/sketch_period"] = float(step - previous)
         # The whole refresh (batch, products, Lanczos, broadcast, calibration): the terms of the total.
@@ -290,12 +287,12 @@ class LevyCallback(TrainerCallback):
         every = levy.gradient_noise_scale_every_n_steps
         free = levy.levy_scale != 0 and levy.levy_noise_basis in MINIBATCH_BASES  # g_b is computed anyway
         if every and not free and step % every == 0:  # before ξ: ‖g‖ is the step's own gradient's
-            measure_noise_scale(run, levy, step, self._pre_clip_norm, self.loss_fn)
+            run.measure_noise_scale(levy, step, self._pre_clip_norm, self.loss_fn)
         basis = levy.levy_noise_basis
         if levy.levy_scale != 0 and (
             basis == "minibatch" or (basis == "minibatch_topk" and run.sketch.ready)
         ):
-            if add_minibatch_noise(run, levy, step, self._pre_clip_norm, self.loss_fn):
+            if run.add_minibatch_noise(levy, step, self._pre_clip_norm, self.loss_fn):
                 self.noise_draws += 1
         elif levy.levy_scale != 0 and run.sketch.ready and basis not in MINIBATCH_BASES:
             self.add_noise(step)
@@ -315,7 +312,7 @@ class LevyCallback(TrainerCallback):
         """The metrics to add to ``logs``: for a training log and the end-of-training summary, else none."""
         if self.run is None or not ("loss" in logs or "train_runtime" in logs):
             return {}
-        warn_if_mostly_capped(self.run, self.levy)
+        self.run.warn_if_mostly_capped(self.levy)
         alpha = None if self.levy.levy_noise_basis in MINIBATCH_BASES else self.levy.levy_alpha
         return self.run.log_metrics(summary="loss" not in logs, alpha=alpha)
 
@@ -361,7 +358,7 @@ class LevyCallback(TrainerCallback):
         return norm
 
     def add_noise(self, step: int) -> None:
-        """g ← g + ξ on this step (see :func:`hf_levy.noise_step.add_step_noise`)."""
+        """g ← g + ξ on this step (see :meth:`hf_levy._run.LevyRun.add_noise`)."""
         pre_clip = self._pre_clip_norm if self.run.calibration is not None else None  # read only where used
-        if add_step_noise(self.run, self.levy, step, pre_clip):
+        if self.run.add_noise(self.levy, step, pre_clip):
             self.noise_draws += 1

@@ -34,11 +34,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hf_levy import rng
+from hf_levy import _rng
+from hf_levy._rng import step_generator
 from hf_levy.calibration import MIN_MICROBATCHES, fit_directional_noise
 from hf_levy.hvp import LossFn, loss_gradient
 from hf_levy.params import num_elements
-from hf_levy.rng import step_generator
 from hf_levy.stable import MIN_ESTIMATOR_SAMPLES, estimate_stable_scale, estimate_tail_index
 
 Row = dict[str, Any]
@@ -126,7 +126,7 @@ def tail_index_profile(
 
     coords = None
     if pooled_coordinates is not None and pooled_coordinates < dim:
-        perm = torch.randperm(dim, generator=step_generator(seed + rng.TAIL_COORDINATE, 0))
+        perm = torch.randperm(dim, generator=step_generator(seed + _rng.TAIL_COORDINATE, 0))
         coords = perm[:pooled_coordinates].sort().values
     ref_n = n if reference_batch_size is None else reference_batch_size
     total = math.ceil(ref_n / largest) + len(batch_sizes) * num_batches
@@ -141,7 +141,7 @@ def tail_index_profile(
         if reference_batch_size is None:
             ref_indices = list(range(n))
         else:
-            ref_gen = step_generator(seed + rng.TAIL_REFERENCE, 0)
+            ref_gen = step_generator(seed + _rng.TAIL_REFERENCE, 0)
             ref_indices = torch.randperm(n, generator=ref_gen)[:reference_batch_size].tolist()
         chunks = [ref_indices[i : i + largest] for i in range(0, len(ref_indices), largest)]
         reference = sum(gradient(c).double() * len(c) for c in chunks) / len(ref_indices)
@@ -158,7 +158,7 @@ def tail_index_profile(
             pooled_MS = torch.stack(pooled)
             projected_MK = torch.stack(projected) if projected else None
             rows += _estimate(
-                b, pooled_MS, projected_MK, bootstrap, step_generator(seed + rng.TAIL_BOOTSTRAP, b)
+                b, pooled_MS, projected_MK, bootstrap, step_generator(seed + _rng.TAIL_BOOTSTRAP, b)
             )
     finally:
         bar.close()

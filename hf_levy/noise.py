@@ -5,7 +5,7 @@
 With orthonormal columns ‖ξ‖ = ‖coef‖, so the norm cap ‖ξ‖ ≤ max_norm is applied to the K
 coefficients alone (no pass over the P entries, no communication under sharding).
 
-The draws come from a generator seeded by (seed, optimizer step), see :mod:`hf_levy.rng`.
+The draws come from a generator seeded by (seed, optimizer step), see :mod:`hf_levy._rng`.
 
 Legend: P parameters (flat length, or the local shard length under FSDP), K eigenpairs.
 """

@@ -43,9 +43,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from hf_levy._rng import NOISE_SCALE_BOOTSTRAP, NOISE_SCALE_DRAWS, step_generator
 from hf_levy.hvp import LossFn, loss_gradient
 from hf_levy.params import is_sharded, num_elements, rank_and_world, sum_over_ranks, trainable_parameters
-from hf_levy.rng import NOISE_SCALE_BOOTSTRAP, NOISE_SCALE_DRAWS, step_generator
 
 
 def two_batch_estimates(

@@ -14,6 +14,7 @@ Legend for shape suffixes: P parameters (flat length, or this rank's padded piec
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -192,6 +193,15 @@ class ParameterSpace:
                 p.grad = torch.zeros_like(p)
             grad = local_view(p.grad)
             grad.add_(piece.to(device=grad.device, dtype=grad.dtype))
+
+
+def host_float(norm: Any) -> float | None:
+    """A norm as a Python float (FSDP2's clipping gives a replicated DTensor); None stays None."""
+    if norm is None:
+        return None
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 def rank_and_world() -> tuple[int, int]:

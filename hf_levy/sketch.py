@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hf_levy._rng import LANCZOS_START, step_generator
 from hf_levy.lanczos import Eigenpairs, lanczos
-from hf_levy.rng import LANCZOS_START, step_generator
 
 
 class SketchDiscardedWarning(UserWarning):

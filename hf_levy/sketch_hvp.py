@@ -15,17 +15,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hf_levy import _compat, rng
+from hf_levy import _compat, _rng
+from hf_levy._rng import step_generator
 from hf_levy.hvp import LossFn, make_hvp
 from hf_levy.params import ParameterSpace, rank_and_world, sum_over_ranks
-from hf_levy.rng import step_generator
 from hf_levy.zero_hvp import zero_matvec
 from hf_levy.zero_space import ZeroSpace
 
 
 def sketch_batch(dataset: Any, collate_fn: Callable, size: int, seed: int, step: int) -> dict[str, Any]:
     """This rank's share of the sketch batch of ``step``: the same global draw on every rank."""
-    generator = step_generator(seed + rng.SKETCH_BATCH, step)
+    generator = step_generator(seed + _rng.SKETCH_BATCH, step)
     indices = torch.randperm(len(dataset), generator=generator)[:size].tolist()
     rank, world = rank_and_world()
     return collate_fn([dataset[i] for i in indices[rank::world]])

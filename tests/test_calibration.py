@@ -15,7 +15,8 @@ import torch
 from least_squares import LeastSquares, features, optimum, orthonormal_directions
 from torch import nn
 
-from hf_levy import rng
+from hf_levy import _rng
+from hf_levy._rng import step_generator
 from hf_levy.calibration import (
     DirectionalNoise,
     calibrate_to_virtual_batch,
@@ -25,7 +26,6 @@ from hf_levy.calibration import (
     variance_share,
 )
 from hf_levy.params import ParameterSpace
-from hf_levy.rng import step_generator
 from hf_levy.stable import sample_symmetric_stable
 
 P, K, SIGMA = 6, 3, 0.8
@@ -407,7 +407,7 @@ def test_calibration_draws_its_micro_batches_from_its_stream_and_injects_the_com
         model, dataset, collate, space, q, virtual_batch_size=b, num_microbatches=m, seed=9, step=12, **kw
     )
     noise, share = calibrate(physical_batch_size=big_b)
-    indices = torch.randint(n, (m, b), generator=step_generator(9 + rng.CALIBRATION, 12))
+    indices = torch.randint(n, (m, b), generator=step_generator(9 + _rng.CALIBRATION, 12))
     table = -(S_K / b) * eps[indices].sum(1)  # (M, K)
     fit = fit_directional_noise(table)
     torch.testing.assert_close(noise.alpha_K, fit.alpha_K, rtol=1e-9, atol=0)

@@ -12,8 +12,8 @@ from test_run_state import _args, _loader
 from trainer_utils import flat_params, run_levy
 
 from hf_levy import LevyArguments
-from hf_levy.levy_state import FIX, load_levy_state, save_levy_state
-from hf_levy.run_state import start_run
+from hf_levy._checkpoint import FIX, load_levy_state, save_levy_state
+from hf_levy._run_setup import start_run
 
 
 def _saved_run(tmp_path):

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from hf_levy import sample_symmetric_stable
+from hf_levy._rng import step_generator
 from hf_levy.noise import (
     curvature_weights,
     isotropic_noise,
     noise_coefficients,
     step_noise,
 )
-from hf_levy.rng import step_generator
 
 
 def test_coefficients_couple_exactly_across_scales():

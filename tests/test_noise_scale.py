@@ -358,7 +358,7 @@ def test_interval_covers_the_exact_value_at_about_its_level_and_is_as_wide_as_th
 def test_two_ddp_ranks_and_two_fsdp_ranks_return_the_single_process_estimate_for_the_same_draws(tmp_path):
     """Uneven shares included: 3 of 8 examples split 2 + 1, and a 1-example small batch leaves the second
     rank without a share (under FSDP it joins the backward on a zero-weighted example). The Trainer's
-    measurement (hf_levy.noise_step) on both engines holds the EMAs computed by hand from closed-form gradients."""
+    measurement (hf_levy._run.LevyRun.measure_noise_scale) on both engines holds the EMAs computed by hand from closed-form gradients."""
     from test_distributed import torchrun
 
     ranks = torchrun(tmp_path, script=pathlib.Path(__file__).parent / "distributed" / "noise_scale_ddp.py")
@@ -386,9 +386,9 @@ def trainer_measurement_by_hand() -> dict[str, float]:
     """What the Trainer's measurement in noise_scale_ddp.py must hold: each step's small batch is the row drawn
     by the step's stream from each rank's three (the same row on both ranks), B = 6 of N = 20 examples drawn
     without replacement, the EMAs with β = 0.95 of the corrected two-batch estimates."""
-    from hf_levy import rng
+    from hf_levy import _rng
+    from hf_levy._rng import step_generator
     from hf_levy.minibatch import subbatch_rows
-    from hf_levy.rng import step_generator
 
     g_NP = per_example_gradients()
     big_rows = list(range(2 * STEP_ROWS))
@@ -396,7 +396,7 @@ def trainer_measurement_by_hand() -> dict[str, float]:
     u_small, u_big = ((NUM_EXAMPLES - n) / (n * (NUM_EXAMPLES - 1)) for n in (NOISE_BATCH, len(big_rows)))
     square_norm_ema = trace_ema = 0.0
     for step in range(MEASURED_STEPS):
-        row = int(subbatch_rows([STEP_ROWS], 1, step_generator(rng.MINIBATCH, step))[0][0])
+        row = int(subbatch_rows([STEP_ROWS], 1, step_generator(_rng.MINIBATCH, step))[0][0])
         small = float(g_NP[[row, STEP_ROWS + row]].mean(0).square().sum())
         square_norm = (u_small * big - u_big * small) / (u_small - u_big)
         trace = (small - big) / (u_small - u_big)

@@ -20,9 +20,9 @@ import torch
 from test_minibatch_trainer import X, Y, check_every_step, gradient
 from transformers import default_data_collator
 
-from hf_levy import rng
+from hf_levy import _rng
+from hf_levy._rng import step_generator
 from hf_levy.minibatch import subbatch_rows
-from hf_levy.rng import step_generator
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "distributed"))
 from minibatch_train import train  # noqa: E402
@@ -75,7 +75,7 @@ def redrawn_subsets(collator: RecordingCollator, steps: list[int], seed: int = 0
     subsets = []
     for step in steps:
         micro = collator.examples[2 * step : 2 * step + 2]
-        rows = subbatch_rows([len(m) for m in micro], SMALL, step_generator(seed + rng.MINIBATCH, step))
+        rows = subbatch_rows([len(m) for m in micro], SMALL, step_generator(seed + _rng.MINIBATCH, step))
         subsets.append(
             tuple(sorted(m[int(r)] for m, picked in zip(micro, rows, strict=True) for r in picked))
         )
@@ -211,7 +211,7 @@ def test_deepspeed_is_refused_naming_the_setting():
     from minibatch_train import Regression
 
     from hf_levy import LevyArguments
-    from hf_levy.run_state import start_run
+    from hf_levy._run_setup import start_run
 
     class DeepSpeedZeroOptimizer:  # what hf_levy.zero_space.uses_deepspeed recognises by name
         pass

@@ -12,11 +12,10 @@ import pytest
 import torch
 from test_run_state import _args, _loader
 
-from hf_levy import LevyArguments, rng
+from hf_levy import LevyArguments, _rng
+from hf_levy._rng import step_generator
+from hf_levy._run_setup import start_run
 from hf_levy.calibration import DirectionalNoise
-from hf_levy.noise_step import add_step_noise
-from hf_levy.rng import step_generator
-from hf_levy.run_state import start_run
 from hf_levy.stable import sample_symmetric_stable
 
 F64 = torch.float64
@@ -43,7 +42,7 @@ def documented_coefficients(run, levy: LevyArguments, step: int, grad_norm: floa
     root = run.sketch.values_K.clamp(min=0).sqrt()
     weights = root / root.norm()
     z = sample_symmetric_stable(
-        (k,), levy.levy_alpha, generator=step_generator(run.seed + rng.NOISE, step), dtype=F64
+        (k,), levy.levy_alpha, generator=step_generator(run.seed + _rng.NOISE, step), dtype=F64
     )
     if levy.levy_clip is not None:
         z = z.clamp(-levy.levy_clip, levy.levy_clip)
@@ -67,7 +66,7 @@ def test_the_noise_is_the_eigenvectors_times_the_documented_coefficients_of_its_
     )
     run = sketched_run(levy)
     before = flat_grad(run)
-    assert add_step_noise(run, levy, step)
+    assert run.add_noise(levy, step)
     xi = flat_grad(run) - before
     coef = documented_coefficients(run, levy, step, before.norm().item())
     vectors = run.sketch.vectors_PK.double()
@@ -90,7 +89,7 @@ def test_steps_draw_different_noise_and_negative_curvature_gets_none():
     for step in (5, 6):
         run = sketched_run(levy, spectrum)
         before = flat_grad(run)
-        add_step_noise(run, levy, step)
+        run.add_noise(levy, step)
         xi = flat_grad(run) - before
         coef = run.sketch.vectors_PK.double().T @ xi
         assert abs(coef[1].item()) < 1e-6 and abs(coef[0].item()) > 1e-3
@@ -104,11 +103,11 @@ def test_the_cap_and_the_clip_bound_the_noise_and_are_counted():
     )
     run = sketched_run(levy)
     before = flat_grad(run)
-    add_step_noise(run, levy, 7)
+    run.add_noise(levy, 7)
     xi = flat_grad(run) - before
     assert xi.norm().item() == pytest.approx(levy.levy_max_noise_ratio * before.norm().item(), rel=1e-5)
     assert run.noise_window.capped_steps == 1
-    z = sample_symmetric_stable((3,), 0.8, generator=step_generator(run.seed + rng.NOISE, 7), dtype=F64)
+    z = sample_symmetric_stable((3,), 0.8, generator=step_generator(run.seed + _rng.NOISE, 7), dtype=F64)
     assert run.noise_window.clipped_draws == int((z.abs() > 2.0).sum())
 
 
@@ -120,7 +119,7 @@ def test_a_non_finite_gradient_gets_no_noise_and_is_counted(bad, mode):
     run = sketched_run(levy)
     run.params[1].grad[0] = bad
     before = [p.grad.clone() for p in run.params]
-    assert not add_step_noise(run, levy, 2)
+    assert not run.add_noise(levy, 2)
     for p, b in zip(run.params, before, strict=True):
         torch.testing.assert_close(p.grad, b, rtol=0, atol=0, equal_nan=True)
     assert run.skipped_nonfinite == 1 and run.noise_total.steps == 0
@@ -137,7 +136,7 @@ def test_noise_that_would_overflow_the_gradient_dtype_is_skipped():
     )
     run = sketched_run(levy)
     before = [p.grad.clone() for p in run.params]
-    assert not add_step_noise(run, levy, 2)
+    assert not run.add_noise(levy, 2)
     assert all(torch.equal(p.grad, b) for p, b in zip(run.params, before, strict=True))
     assert run.skipped_nonfinite == 1
 
@@ -147,7 +146,7 @@ def test_without_gradients_nothing_is_added():
     run = sketched_run(levy)
     for p in run.params:
         p.grad = None
-    assert not add_step_noise(run, levy, 2)
+    assert not run.add_noise(levy, 2)
     assert all(p.grad is None for p in run.params) and run.skipped_nonfinite == 0
 
 
@@ -159,7 +158,7 @@ def test_a_parameter_without_a_gradient_still_gets_its_part_of_the_noise():
     weight, bias = run.params
     bias.grad = None
     grad_before = weight.grad.detach().double().reshape(-1).clone()
-    assert add_step_noise(run, levy, 3)
+    assert run.add_noise(levy, 3)
     coef = documented_coefficients(run, levy, 3, grad_before.norm().item())
     xi = run.sketch.vectors_PK.double() @ coef
     torch.testing.assert_close(weight.grad.double().reshape(-1) - grad_before, xi[:6], rtol=1e-5, atol=1e-6)
@@ -170,10 +169,10 @@ def test_the_isotropic_ablation_has_the_hessian_noise_norm_spread_over_all_coord
     levy = LevyArguments(sketch_batch_size=4, num_eigenpairs=2, levy_noise_basis="isotropic", levy_seed=5)
     run = sketched_run(levy)
     before = flat_grad(run)
-    add_step_noise(run, levy, 9)
+    run.add_noise(levy, 9)
     xi = flat_grad(run) - before
     norm = documented_coefficients(run, levy, 9, before.norm().item()).norm().item()
-    torch.testing.assert_close(xi, run.isotropic_noise(norm, levy.levy_alpha, levy.levy_clip, 9).double())
+    torch.testing.assert_close(xi, run.isotropic_xi(norm, levy.levy_alpha, levy.levy_clip, 9).double())
     vectors = run.sketch.vectors_PK.double()
     outside = (xi - vectors @ (vectors.T @ xi)).norm().item()
     assert outside > 0.5 * xi.norm().item()  # 6 of 8 coordinates lie outside the 2 eigenvectors
@@ -193,10 +192,10 @@ def test_the_isotropic_ablation_clips_its_own_draws_at_levy_clip():
     )
     run = sketched_run(levy)
     before = flat_grad(run)
-    assert add_step_noise(run, levy, 9)
+    assert run.add_noise(levy, 9)
     xi = flat_grad(run) - before
     z = sample_symmetric_stable(
-        (8,), 1.0, generator=step_generator(run.seed + rng.ISOTROPIC, 9), dtype=torch.float32
+        (8,), 1.0, generator=step_generator(run.seed + _rng.ISOTROPIC, 9), dtype=torch.float32
     ).double()
     assert (z.abs() > 0.5).sum() >= 4  # the clip binds on most coordinates
     clipped = z.clamp(-0.5, 0.5)
@@ -212,12 +211,12 @@ def test_calibrated_noise_uses_its_own_scales_and_alphas_shrunk_by_the_clipping(
     )
     before = flat_grad(run)
     grad_norm = before.norm().item()
-    add_step_noise(run, levy, 8, pre_clip_norm=torch.tensor(4 * grad_norm))
+    run.add_noise(levy, 8, pre_clip_norm=torch.tensor(4 * grad_norm))
     xi = flat_grad(run) - before
     z = sample_symmetric_stable(
         (2,),
         torch.tensor([1.2, 1.9], dtype=F64),
-        generator=step_generator(run.seed + rng.NOISE, 8),
+        generator=step_generator(run.seed + _rng.NOISE, 8),
         dtype=F64,
     ).clamp(-levy.levy_clip, levy.levy_clip)
     coef = 2.0 * 0.25 * torch.tensor([0.05, 0.02], dtype=F64) * z  # clipping kept a quarter of ‖g‖

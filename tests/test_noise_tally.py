@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from hf_levy._noise_tally import NoiseTally
 from hf_levy.noise import NoiseDraw
-from hf_levy.noise_tally import NoiseTally
 
 
 def test_tally_fractions_and_means_over_known_draws():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from hf_levy import rng
-from hf_levy.rng import step_generator
+from hf_levy import _rng
+from hf_levy._rng import step_generator
 
 STREAMS = {
-    name: getattr(rng, name)
+    name: getattr(_rng, name)
     for name in (
         "NOISE",
         "SKETCH_BATCH",
@@ -27,9 +27,9 @@ STREAMS = {
 def test_the_streams_of_a_training_run_differ_even_with_a_rank_added_to_the_isotropic_one():
     # Single process the isotropic stream is ISOTROPIC itself, under FSDP ISOTROPIC + rank + 1: up to 1024 ranks
     # must not reach another stage of the run. The tail-index command's streams are its own, all distinct.
-    run = [rng.NOISE, rng.SKETCH_BATCH, rng.LANCZOS_START, rng.CALIBRATION]
+    run = [_rng.NOISE, _rng.SKETCH_BATCH, _rng.LANCZOS_START, _rng.CALIBRATION]
     assert len(set(run)) == len(run)
-    assert not {rng.ISOTROPIC + r for r in range(1025)} & set(run)
+    assert not {_rng.ISOTROPIC + r for r in range(1025)} & set(run)
     assert len(set(STREAMS.values())) == len(STREAMS), STREAMS
 
 

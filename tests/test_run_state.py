@@ -9,7 +9,7 @@ import torch
 def test_examples_per_batch_prefers_the_prepared_loader_and_falls_back_to_the_arguments():
     from types import SimpleNamespace
 
-    from hf_levy.run_state import examples_per_batch
+    from hf_levy._run_setup import examples_per_batch
 
     args = SimpleNamespace(per_device_train_batch_size=8, world_size=2)
     # Accelerate's loader knows the batch actually used (auto_find_batch_size may have halved it).
@@ -37,7 +37,7 @@ def test_start_run_checks_the_setup_with_messages_that_name_the_fix():
     import pytest
 
     from hf_levy import LevyArguments
-    from hf_levy.run_state import start_run
+    from hf_levy._run_setup import start_run
 
     model = torch.nn.Linear(3, 2)
     with pytest.raises(ValueError, match="sketch_batch_size=32 exceeds the 16 training examples"):
@@ -59,8 +59,8 @@ def test_start_run_checks_the_setup_with_messages_that_name_the_fix():
 
 def test_run_state_round_trips_the_sketch_schedule_and_calibration():
     from hf_levy import LevyArguments
+    from hf_levy._run_setup import start_run
     from hf_levy.calibration import DirectionalNoise
-    from hf_levy.run_state import start_run
 
     levy = LevyArguments(sketch_batch_size=4, num_eigenpairs=2, lanczos_num_iters=4)
     model = torch.nn.Linear(3, 2)
@@ -88,7 +88,7 @@ def _accumulating(steps):
 
 def test_physical_batch_counts_gradient_accumulation_and_the_whole_set_is_full_batch():
     from hf_levy import LevyArguments
-    from hf_levy.run_state import start_run
+    from hf_levy._run_setup import start_run
 
     model, levy = torch.nn.Linear(3, 2), LevyArguments(sketch_batch_size=16)
     run = start_run(levy, _accumulating(2), model, _loader(n=16, batch=4))
@@ -98,7 +98,7 @@ def test_physical_batch_counts_gradient_accumulation_and_the_whole_set_is_full_b
 
 def test_run_settings_follow_the_levy_fields_and_fit_a_small_model():
     from hf_levy import LevyArguments
-    from hf_levy.run_state import sketch_settings, start_run
+    from hf_levy._run_setup import sketch_settings, start_run
 
     model = torch.nn.Linear(3, 2)  # 8 parameters
     levy = LevyArguments(sketch_batch_size=16, levy_seed=7, num_eigenpairs=10, lanczos_num_iters=48)
@@ -119,7 +119,7 @@ def test_run_settings_follow_the_levy_fields_and_fit_a_small_model():
 
 def test_a_sketch_batch_of_the_whole_training_set_is_allowed():
     from hf_levy import LevyArguments
-    from hf_levy.run_state import start_run
+    from hf_levy._run_setup import start_run
 
     run = start_run(LevyArguments(sketch_batch_size=16), _args(), torch.nn.Linear(3, 2), _loader(n=16))
     assert run.sketch.settings.num_eigenpairs == 8
@@ -128,7 +128,7 @@ def test_a_sketch_batch_of_the_whole_training_set_is_allowed():
 def test_examples_per_batch_ignores_a_loader_that_reports_zero():
     from types import SimpleNamespace
 
-    from hf_levy.run_state import examples_per_batch
+    from hf_levy._run_setup import examples_per_batch
 
     args = SimpleNamespace(per_device_train_batch_size=8, world_size=2)
     assert examples_per_batch(SimpleNamespace(total_batch_size=0), args) == 16
@@ -136,9 +136,9 @@ def test_examples_per_batch_ignores_a_loader_that_reports_zero():
 
 def test_log_metrics_report_the_window_then_start_afresh_and_the_summary_keeps_only_run_shares():
     from hf_levy import LevyArguments
+    from hf_levy._run_setup import start_run
     from hf_levy.calibration import DirectionalNoise
     from hf_levy.noise import NoiseDraw
-    from hf_levy.run_state import start_run
 
     run = start_run(
         LevyArguments(sketch_batch_size=4, num_eigenpairs=2), _args(), torch.nn.Linear(3, 2), _loader()
@@ -166,17 +166,17 @@ def test_log_metrics_report_the_window_then_start_afresh_and_the_summary_keeps_o
 
 
 def test_isotropic_noise_is_the_isotropic_stream_of_the_step_rescaled_to_the_norm():
-    from hf_levy import LevyArguments, rng
+    from hf_levy import LevyArguments, _rng
+    from hf_levy._rng import step_generator
+    from hf_levy._run_setup import start_run
     from hf_levy.noise import isotropic_noise
-    from hf_levy.rng import step_generator
-    from hf_levy.run_state import start_run
 
     run = start_run(
         LevyArguments(sketch_batch_size=4, num_eigenpairs=2), _args(), torch.nn.Linear(3, 2), _loader()
     )
     run.sketch.refresh(lambda v: torch.arange(1.0, 9.0).to(v) * v, run.space.dim, step=0)
-    xi = run.isotropic_noise(2.5, 1.5, 10.0, step=6)
-    want = isotropic_noise(8, 2.5, 1.5, step_generator(run.seed + rng.ISOTROPIC, 6), clip=10.0)
+    xi = run.isotropic_xi(2.5, 1.5, 10.0, step=6)
+    want = isotropic_noise(8, 2.5, 1.5, step_generator(run.seed + _rng.ISOTROPIC, 6), clip=10.0)
     assert torch.equal(xi, want.to(run.sketch.vectors_PK.dtype))
     assert xi.double().norm().item() == pytest.approx(2.5, rel=1e-6)
 
@@ -184,8 +184,8 @@ def test_isotropic_noise_is_the_isotropic_stream_of_the_step_rescaled_to_the_nor
 def test_a_saved_calibration_with_a_zero_scale_is_restored_and_a_negative_one_refused():
     # A direction whose micro-batch projections do not vary calibrates to scale 0: a valid state to resume from.
     from hf_levy import LevyArguments
+    from hf_levy._run_setup import start_run
     from hf_levy.calibration import DirectionalNoise
-    from hf_levy.run_state import start_run
 
     levy = LevyArguments(sketch_batch_size=4, num_eigenpairs=2, lanczos_num_iters=4)
     run = start_run(levy, _args(), torch.nn.Linear(3, 2), _loader())
@@ -207,10 +207,10 @@ def test_a_refresh_calibrates_on_the_micro_batches_of_its_step_and_logs_alpha_an
 
     from least_squares import LeastSquares, features, optimum, orthonormal_directions
 
-    from hf_levy import LevyArguments, rng
+    from hf_levy import LevyArguments, _rng
+    from hf_levy._rng import step_generator
+    from hf_levy._run_setup import start_run
     from hf_levy.calibration import fit_directional_noise, injected_scale
-    from hf_levy.rng import step_generator
-    from hf_levy.run_state import start_run
 
     n, dim, b, m, big_b = 200, 4, 4, 40, 64
     q, s_k = orthonormal_directions(dim, 2), torch.tensor([1.0, 3.0], dtype=torch.float64)
@@ -231,7 +231,7 @@ def test_a_refresh_calibrates_on_the_micro_batches_of_its_step_and_logs_alpha_an
     hessian = (q * s_k**2) @ q.T + 0.1 * torch.eye(dim, dtype=torch.float64)
     run.sketch.refresh(lambda v: hessian.to(v) @ v, dim, step=3)
     metrics = run.calibrate(levy, step=3)
-    indices = torch.randint(n, (m, b), generator=step_generator(9 + rng.CALIBRATION, 3))
+    indices = torch.randint(n, (m, b), generator=step_generator(9 + _rng.CALIBRATION, 3))
     table = -((eps[indices] * s_k).sum(1) / b) @ (q.T @ run.sketch.vectors_PK.double())  # (M, K)
     fit = fit_directional_noise(table)
     scale = injected_scale(fit.scale_K, fit.alpha_K, b, big_b)
@@ -245,8 +245,8 @@ def test_a_refresh_calibrates_on_the_micro_batches_of_its_step_and_logs_alpha_an
 def test_loading_a_state_leaves_the_given_dict_as_it_was():
     # No hidden side effects: the same saved state can be installed into two runs.
     from hf_levy import LevyArguments
+    from hf_levy._run_setup import start_run
     from hf_levy.calibration import DirectionalNoise
-    from hf_levy.run_state import start_run
 
     levy = LevyArguments(sketch_batch_size=4, num_eigenpairs=2, lanczos_num_iters=4)
     run = start_run(levy, _args(), torch.nn.Linear(3, 2), _loader())

@@ -11,7 +11,7 @@ from test_run_state import _args, _loader
 from trainer_utils import SKETCH, flat_params, run_stock
 
 from hf_levy import LevyArguments, LevyCallback
-from hf_levy.run_state import start_run
+from hf_levy._run_setup import start_run
 from hf_levy.sketch import SketchDiscardedWarning
 
 
@@ -24,7 +24,7 @@ def test_a_sketch_that_always_fails_warns_once_counts_and_retries_at_the_period(
     callback = LevyCallback(LevyArguments(**SKETCH, levy_scale=0.5), loss_fn=nan_loss)
     trainer, _ = plain_trainer(tmp_path / "failing", levy=callback, max_steps=8)
     with (
-        caplog.at_level(logging.WARNING, logger="hf_levy.callback"),
+        caplog.at_level(logging.WARNING, logger="hf_levy._run"),
         warnings.catch_warnings(record=True) as w,
     ):
         warnings.simplefilter("always")
@@ -35,6 +35,7 @@ def test_a_sketch_that_always_fails_warns_once_counts_and_retries_at_the_period(
     assert trainer.state.log_history[-1]["curvature/failed_refreshes"] == 3.0  # in the run summary too
     failed = [r.getMessage() for r in caplog.records if "failed (" in r.getMessage()]
     assert len(failed) == 1
+    assert {r.name for r in caplog.records if "failed (" in r.getMessage()} == {"hf_levy._run"}
     assert "step 0" in failed[0] and "non-finite" in failed[0] and "no noise is added" in failed[0]
     assert not [x for x in w if issubclass(x.category, SketchDiscardedWarning)]
     assert callback.noise_draws == 0
@@ -57,7 +58,6 @@ def test_num_eigenpairs_above_the_trainable_parameters_is_lowered_with_a_warning
 
 def test_the_cap_warning_counts_the_whole_run_and_needs_more_than_half_of_its_steps(caplog):
     from hf_levy.noise import NoiseDraw
-    from hf_levy.run_warnings import warn_if_mostly_capped
 
     levy = LevyArguments(sketch_batch_size=4, num_eigenpairs=2, levy_max_noise_ratio=2.0)
     coef = torch.zeros(2, dtype=torch.float64)
@@ -69,8 +69,8 @@ def test_the_cap_warning_counts_the_whole_run_and_needs_more_than_half_of_its_st
 
     def warnings_after(run):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="hf_levy.callback"):
-            warn_if_mostly_capped(run, levy)
+        with caplog.at_level(logging.WARNING, logger="hf_levy._run"):
+            run.warn_if_mostly_capped(levy)
         return [r.getMessage() for r in caplog.records if "hit the cap" in r.getMessage()]
 
     half = start_run(levy, _args(), torch.nn.Linear(3, 2), _loader())

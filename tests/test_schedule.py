@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from trainer_utils import run_levy
 from transformers import TrainerCallback
 
-import hf_levy.schedule
+import hf_levy._schedule
 from hf_levy import LevyCallback, LevyConfig
-from hf_levy.schedule import STATE_KEYS, RefreshSchedule
+from hf_levy._schedule import STATE_KEYS, RefreshSchedule
 
 REFRESH_SECONDS = 20.0
 
@@ -41,7 +41,7 @@ def clock(monkeypatch):
     """Fake wall clock of the callback; every sketch refresh costs REFRESH_SECONDS on it. Yields
     (clock, steps of the refreshes)."""
     fake = FakeClock()
-    monkeypatch.setattr(hf_levy.schedule, "time", types.SimpleNamespace(perf_counter=fake.perf_counter))
+    monkeypatch.setattr(hf_levy._schedule, "time", types.SimpleNamespace(perf_counter=fake.perf_counter))
     refreshed = []
     real = LevyCallback.refresh_sketch
 
@@ -169,7 +169,7 @@ def drive(schedule, clock, steps, step_seconds, refresh_seconds=REFRESH_SECONDS)
 @pytest.fixture
 def fake_clock(monkeypatch):
     fake = FakeClock()
-    monkeypatch.setattr(hf_levy.schedule, "time", types.SimpleNamespace(perf_counter=fake.perf_counter))
+    monkeypatch.setattr(hf_levy._schedule, "time", types.SimpleNamespace(perf_counter=fake.perf_counter))
     return fake
 
 

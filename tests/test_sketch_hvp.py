@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import hf_levy.sketch_hvp
-from hf_levy import rng
+from hf_levy import _rng
+from hf_levy._rng import step_generator
 from hf_levy.params import ParameterSpace
-from hf_levy.rng import step_generator
 from hf_levy.sketch_hvp import count_examples, full_precision_forward, sketch_batch, sketch_matvec
 
 DATASET = [{"x": torch.tensor([float(i)])} for i in range(40)]
@@ -21,7 +21,7 @@ def ids(batch):
 
 def test_the_sketch_batch_is_the_seeded_permutation_of_its_step():
     batch = sketch_batch(DATASET, list, 12, seed=5, step=3)
-    want = torch.randperm(40, generator=step_generator(5 + rng.SKETCH_BATCH, 3))[:12].tolist()
+    want = torch.randperm(40, generator=step_generator(5 + _rng.SKETCH_BATCH, 3))[:12].tolist()
     assert ids(batch) == want and len(set(ids(batch))) == 12
     assert ids(sketch_batch(DATASET, list, 12, seed=5, step=3)) == want
     assert ids(sketch_batch(DATASET, list, 12, seed=5, step=4)) != want

@@ -12,13 +12,13 @@ from test_callback_wiring import Recorder
 from trainer_utils import COMMON, OVERRIDDEN, SKETCH, flat_params, model, run_levy, run_stock, token_dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
+import hf_levy._run
 import hf_levy.calibration
 import hf_levy.callback
 import hf_levy.noise
-import hf_levy.run_state
 from hf_levy import LevyConfig, LevyTrainer
+from hf_levy._rng import step_generator
 from hf_levy.noise import NoiseDraw
-from hf_levy.rng import step_generator
 from hf_levy.stable import sample_symmetric_stable
 
 
@@ -374,7 +374,7 @@ def test_calibrated_noise_shrinks_with_gradient_clipping(tmp_path):
 
 def test_a_sketch_that_hits_lanczos_num_iters_warns_once_and_a_certified_one_does_not(tmp_path, caplog):
     message = "used all lanczos_num_iters"
-    with caplog.at_level(logging.WARNING, logger="hf_levy.callback"):
+    with caplog.at_level(logging.WARNING, logger="hf_levy._run"):
         capped = run_levy(tmp_path, name="capped", max_steps=8, lanczos_num_iters=2, lanczos_tol=1e-9)
     converged = [
         e["curvature/lanczos_converged"] for e in capped.state.log_history if "curvature/hvp_count" in e
@@ -382,7 +382,7 @@ def test_a_sketch_that_hits_lanczos_num_iters_warns_once_and_a_certified_one_doe
     assert converged == [0.0, 0.0, 0.0]  # three refreshes (steps 0, 3, 6), none certified
     assert sum(message in r.getMessage() for r in caplog.records) == 1
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hf_levy.callback"):
+    with caplog.at_level(logging.WARNING, logger="hf_levy._run"):
         certified = run_levy(tmp_path, name="certified", max_steps=4, lanczos_num_iters=40)
     assert all(
         e["curvature/lanczos_converged"] == 1.0
@@ -419,7 +419,7 @@ def test_truncation_fractions_per_logging_window_match_the_draws(tmp_path):
 
 
 def test_a_cap_that_sets_the_noise_norm_is_logged_and_warned_once(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="hf_levy.callback"):
+    with caplog.at_level(logging.WARNING, logger="hf_levy._run"):
         trainer = run_levy(tmp_path, max_steps=4, logging_steps=2, levy_max_noise_ratio=1e-6)
     windows = [h for h in trainer.state.log_history if "loss" in h]
     assert [h["levy/capped_fraction"] for h in windows] == [1.0, 1.0]
@@ -430,7 +430,7 @@ def test_a_cap_that_sets_the_noise_norm_is_logged_and_warned_once(tmp_path, capl
 
 
 def test_a_cap_that_rarely_binds_gives_no_warning(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="hf_levy.callback"):
+    with caplog.at_level(logging.WARNING, logger="hf_levy._run"):
         trainer = run_levy(tmp_path, max_steps=4, logging_steps=2, levy_scale=0.01, levy_max_noise_ratio=1.0)
     assert [h["levy/capped_fraction"] for h in trainer.state.log_history if "loss" in h] == [0.0, 0.0]
     assert not [r for r in caplog.records if "levy_max_noise_ratio" in r.getMessage()]
@@ -499,9 +499,9 @@ def test_calibration_keeps_levy_alpha_when_told_not_to_fit_it(tmp_path):
 def test_a_discarded_refresh_is_not_calibrated_and_the_last_calibration_stays(tmp_path, monkeypatch):
     # The refresh at step 3 fails (NaN products): its calibration must not run on the kept step-0 vectors.
     calls = []
-    real_calibrate = hf_levy.run_state.calibrate_to_virtual_batch
+    real_calibrate = hf_levy._run.calibrate_to_virtual_batch
     monkeypatch.setattr(
-        hf_levy.run_state,
+        hf_levy._run,
         "calibrate_to_virtual_batch",
         lambda *a, **k: calls.append(k["step"]) or real_calibrate(*a, **k),
     )
@@ -550,7 +550,7 @@ def test_each_refresh_differentiates_the_sketch_batch_drawn_for_its_step(tmp_pat
     # The documented draw: examples randperm(n)[:sketch_batch_size] of the generator of (seed + SKETCH_BATCH, step).
     from test_callback_wiring import plain_trainer
 
-    from hf_levy import LevyArguments, LevyCallback, rng
+    from hf_levy import LevyArguments, LevyCallback, _rng
 
     seen = {}
 
@@ -564,7 +564,7 @@ def test_each_refresh_differentiates_the_sketch_batch_drawn_for_its_step(tmp_pat
     ids = torch.tensor(token_dataset()["input_ids"])
     assert sorted(seen) == [0, 3]  # refreshes every 3 steps
     for step, batch in seen.items():
-        generator = step_generator(4 + rng.SKETCH_BATCH, step)
+        generator = step_generator(4 + _rng.SKETCH_BATCH, step)
         drawn = torch.randperm(len(ids), generator=generator)[: SKETCH["sketch_batch_size"]]
         assert torch.equal(batch, ids[drawn]), step
 

@@ -152,8 +152,8 @@ def test_the_seam_clips_before_the_step_and_leaves_deepspeeds_setting_as_it_was(
 
 
 def test_calibration_and_exact_products_at_stage_3_are_refused_with_the_setting_named(one_process):
+    from hf_levy._run_setup import _check_sharded
     from hf_levy.config import LevyArguments
-    from hf_levy.run_state import _check_sharded
 
     space, _ = space_of()
     with pytest.raises(ValueError, match="levy_virtual_batch_size=8.*DeepSpeed.*DDP or FSDP"):

@@ -29,13 +29,12 @@ def tail_index_report(
     eigenvectors on a seeded sketch batch of the train set. Writes ``tail_index.md`` and
     ``tail_index.png`` into ``output_dir``; returns their paths.
     """
-
+    from hf_levy._rng import step_generator
     from hf_levy.diagnostics import format_table, tail_index_profile
     from hf_levy.hvp import make_hvp
     from hf_levy.lanczos import lanczos
     from hf_levy.params import num_elements, trainable_parameters
     from hf_levy.recipes.plots import plot_tail_index
-    from hf_levy.rng import step_generator
 
     task = build_task(recipe)
     if checkpoint is not None and not pathlib.Path(checkpoint).is_dir():

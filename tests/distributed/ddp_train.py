@@ -26,7 +26,7 @@ from transformers import (  # noqa: E402
     default_data_collator,
 )
 
-import hf_levy.schedule  # noqa: E402
+import hf_levy._schedule  # noqa: E402
 from hf_levy import LevyCallback, LevyConfig, LevyTrainer  # noqa: E402
 
 
@@ -196,7 +196,7 @@ def _install_uneven_fake_clock(refreshed: list[int]) -> TrainerCallback:
     """Rank 0 alone would defer the second refresh by ceil(20 / (0.5 x 1)) = 40 steps, rank 1 by
     ceil(20 / (0.5 x 4)) = 10: only a shared decision keeps the ranks' collectives in step."""
     clock = types.SimpleNamespace(now=0.0)
-    hf_levy.schedule.time = types.SimpleNamespace(perf_counter=lambda: clock.now)
+    hf_levy._schedule.time = types.SimpleNamespace(perf_counter=lambda: clock.now)
     real = LevyCallback.refresh_sketch
 
     def refresh_sketch(self, step):

@@ -20,10 +20,10 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from hf_levy import DoubleBackwardError, make_hvp, trainable_parameters
+from hf_levy._rng import step_generator
 from hf_levy.calibration import microbatch_projections
 from hf_levy.noise import noise_coefficients
 from hf_levy.params import ParameterSpace, flatten, unflatten
-from hf_levy.rng import step_generator
 from hf_levy.sketch import HessianSketch, SketchSettings
 
 

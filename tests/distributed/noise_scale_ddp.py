@@ -3,7 +3,7 @@
 Imported by tests/test_noise_scale.py (one process) and run there under `torchrun --nproc_per_node 2` (gloo):
 ``--out DIR`` writes ``rank{r}.pt`` with the estimates of :data:`CASES` (the model wrapped in DDP for the
 last one), each batch split across the ranks, and those of a copy sharded by FSDP2 (``fully_shard``: its three
-weights split 2 + 1 over the ranks). It also runs the Trainer's measurement, :func:`hf_levy.noise_step.measure_noise_scale`,
+weights split 2 + 1 over the ranks). It also runs the Trainer's measurement, :meth:`hf_levy._run.LevyRun.measure_noise_scale`,
 on a step whose batch is the first three examples on rank 0 and the next three on rank 1 (:data:`STEP_ROWS`), for
 :data:`MEASURED_STEPS` steps, replicated and FSDP-sharded, and keeps the smoother's state.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -73,9 +72,9 @@ def estimate(model: torch.nn.Module, small: int, big: int, draws: int, seed: int
 def trainer_measurement(model: torch.nn.Module) -> dict[str, float]:
     """The smoother's state after :data:`MEASURED_STEPS` measurements of the same step (other draws), each rank
     holding its rows of the step's batch, ``.grad`` the batch's mean gradient, as after the Trainer's backward."""
+    from hf_levy._run import LevyRun
     from hf_levy.config import LevyArguments
     from hf_levy.noise_scale import NoiseScaleSmoother
-    from hf_levy.noise_step import measure_noise_scale
     from hf_levy.params import ParameterSpace, is_sharded, trainable_parameters
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -87,18 +86,21 @@ def trainer_measurement(model: torch.nn.Module) -> dict[str, float]:
         for p in params:
             dist.all_reduce(p.grad)
             p.grad /= world
-    run = SimpleNamespace(
+    run = LevyRun(  # no sketch: the measurement reads none
         model=model,
-        params=params,
         space=ParameterSpace(params),
+        sketch=None,
+        schedule=None,
         seed=0,
         dataset=data,
+        collate_fn=None,
+        physical_batch_size=None,
         step_batches=[batch],
         noise_scale=NoiseScaleSmoother(),
     )
     levy = LevyArguments(levy_noise_batch_size=NOISE_BATCH, gradient_noise_scale_every_n_steps=1)
     for step in range(MEASURED_STEPS):
-        assert measure_noise_scale(run, levy, step)
+        assert run.measure_noise_scale(levy, step)
     return run.noise_scale.state_dict()
 
 
