@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 # DeepSpeed's CPU communication op, built once here rather than by the first test or launch that needs it
 # (two such builds at once, or one killed, used to leave the others waiting on torch's build lock).
 $(DS_OP): $(STAMP)
-	DS_ACCELERATOR=cpu $(BIN)/python -m hf_levy.extension_locks
+	DS_ACCELERATOR=cpu $(BIN)/python -m hf_levy._extension_locks
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
 	    get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)"
 	touch $(DS_OP)

@@ -97,7 +97,7 @@ def child(spec: dict) -> dict:
 
     import hf_levy.sketch
     from hf_levy import LevyConfig, LevyTrainer, make_hvp, trainable_parameters
-    from hf_levy.sketch_hvp import sketch_batch
+    from hf_levy._run_hvp import sketch_batch
 
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()

@@ -14,11 +14,11 @@ from torch import nn
 
 from hf_levy._run import MINIBATCH_BASES, LevyRun
 from hf_levy._schedule import RefreshSchedule
+from hf_levy._zero_space import ZeroSpace, uses_deepspeed, zero_optimizer_of
 from hf_levy.config import LevyArguments
 from hf_levy.minibatch import minibatch_kappa
 from hf_levy.params import ParameterSpace, rank_and_world, trainable_parameters
 from hf_levy.sketch import HessianSketch, SketchSettings
-from hf_levy.zero_space import ZeroSpace, uses_deepspeed, zero_optimizer_of
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def start_run(
     )
     world = rank_and_world()[1]
     from_subbatch = levy.levy_noise_basis in MINIBATCH_BASES
-    if from_subbatch and isinstance(space, ZeroSpace):
+    if from_subbatch and space.steps_inside_backward:
         raise ValueError(
             f"levy_noise_basis={levy.levy_noise_basis!r} needs a second backward on a sub-batch each step, "
             "which DeepSpeed's engine does not allow: use levy_noise_basis='hessian' under DeepSpeed, or "
@@ -136,18 +136,17 @@ def examples_per_batch(train_dataloader: Any, args: Any) -> int:
 
 
 def _check_sharded(levy: LevyArguments, world: int, space: ParameterSpace) -> None:
-    engine = "DeepSpeed ZeRO-3" if isinstance(space, ZeroSpace) else "FSDP"
     if levy.hvp_method == "autograd" and not space.exact_products:
         raise ValueError(
-            f"hvp_method='autograd' is not available under {engine} (sharded parameters have no double "
+            f"hvp_method='autograd' is not available under {space.engine} (sharded parameters have no double "
             "backward): set hvp_method='finite_difference' or 'auto'"
         )
-    if isinstance(space, ZeroSpace) and levy.levy_virtual_batch_size is not None:
+    if space.steps_inside_backward and levy.levy_virtual_batch_size is not None:
         raise ValueError(
             f"levy_virtual_batch_size={levy.levy_virtual_batch_size} (calibration) is not available under "
             "DeepSpeed: unset it and set levy_scale, or train with DDP or FSDP to calibrate"
         )
-    if levy.sketch_batch_size % world and not isinstance(space, ZeroSpace):  # ZeRO products weigh the shares
+    if levy.sketch_batch_size % world and not space.weighs_rank_shares:
         logger.warning(
             "hf_levy: sketch_batch_size=%d is not a multiple of the %d ranks; FSDP averages the ranks' "
             "gradients equally, so the sketch weights their shares unevenly",

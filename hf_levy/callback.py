@@ -8,14 +8,14 @@ Where it acts in the loop (transformers 5.x ``Trainer._run_epoch``):
 * ``on_pre_optimizer_step`` (once per optimizer step, after accumulation, the DDP all-reduce or FSDP
   reduce-scatter, fp16 unscaling and ``max_grad_norm`` clipping, right before ``optimizer.step()``, and
   never on a step the loop skips): add ξ to ``.grad``. Under DeepSpeed the step has already run by then:
-  ξ enters through :mod:`hf_levy.zero_seam` instead.
+  ξ enters through :func:`hf_levy._zero_space.install_before_step` instead.
 * ``on_log``: merge the ``curvature/`` and ``levy/`` metrics into the training log entry (in a
   :class:`hf_levy.LevyTrainer`, or a trainer it was attached to, the trainer's ``log`` does it first).
   A callback passed in ``callbacks=[...]`` moves itself to the head of the callback list (at
   ``on_init_end`` and ``on_train_begin``), so the reporting callbacks of ``report_to``, which come before a
   user's, see them.
 * ``on_save``: write the :mod:`hf_levy._checkpoint` file into the checkpoint; on resume it is read back
-  (see :mod:`hf_levy.callback_wiring` for how a callback finds the checkpoint).
+  (see :mod:`hf_levy._callback_wiring` for how a callback finds the checkpoint).
 
 :class:`hf_levy.LevyTrainer` (or :meth:`LevyCallback.attach`, which gives another Trainer class its
 overrides) is needed only for what no event carries: the gradient norm before ``max_grad_norm`` clipping
@@ -37,18 +37,17 @@ from typing import Any
 from torch import Tensor
 from transformers import TrainerCallback
 
+from hf_levy._callback_wiring import checkpoint_folder, move_to_front, resumed_checkpoint
 from hf_levy._checkpoint import load_levy_state, save_levy_state
+from hf_levy._progress import counted, sketch_progress
 from hf_levy._run import MINIBATCH_BASES, LevyRun, OnceWarnings
+from hf_levy._run_hvp import sketch_batch, sketch_matvec
 from hf_levy._run_setup import start_run
-from hf_levy.callback_wiring import checkpoint_folder, move_to_front, resumed_checkpoint
+from hf_levy._zero_space import clip_zero_grads, install_before_step
 from hf_levy.config import LevyArguments
 from hf_levy.hvp import DoubleBackwardError, LossFn
 from hf_levy.params import rank_and_world
-from hf_levy.progress import counted, sketch_progress
 from hf_levy.sketch import SketchDiscardedWarning
-from hf_levy.sketch_hvp import sketch_batch, sketch_matvec
-from hf_levy.zero_seam import install_before_step
-from hf_levy.zero_space import ZeroSpace, clip_zero_grads
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +205,7 @@ class LevyCallback(TrainerCallback):
         self.run = run = start_run(self.levy, args, model, train_dataloader, optimizer)
         if not run.space.exact_products:
             self.hvp_method = "finite_difference"
-        if isinstance(run.space, ZeroSpace) and self.levy.levy_scale != 0:
+        if run.space.steps_inside_backward and self.levy.levy_scale != 0:
             self._state = state  # the seam runs inside backward, where no event hands over the step
             install_before_step(run.space.optimizer, self._before_zero_step)
         if state.global_step > 0 and self._resumed_from is None:  # resumed; attach did not see from where
@@ -260,7 +259,7 @@ class LevyCallback(TrainerCallback):
             failed = run.sketch.failure is not None
             if not failed:
                 run.warn_if_unconverged(self.levy, step)
-            if not failed and isinstance(run.space, ZeroSpace):
+            if not failed:
                 run.space.orient_(run.sketch.vectors_PK)
             if rank_and_world()[1] > 1 and not failed and not run.space.sharded:
                 # Every rank ran the same Lanczos on the same averaged products, so the vectors already agree;
@@ -281,7 +280,7 @@ class LevyCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         """Add this step's noise to the gradient (and measure the gradient noise scale when due)."""
         run, levy, step = self.run, self.levy, state.global_step
-        if isinstance(run.space, ZeroSpace):
+        if run.space.steps_inside_backward:  # the noise went in before the engine's step
             run.step_batches = []
             return
         every = levy.gradient_noise_scale_every_n_steps
@@ -351,7 +350,7 @@ class LevyCallback(TrainerCallback):
         return self.run.calibrate(self.levy, step, self.loss_fn)
 
     def _before_zero_step(self, max_norm: float) -> float:
-        """DeepSpeed (:mod:`hf_levy.zero_seam`): clip, then add ξ; returns ‖g‖ before clipping."""
+        """DeepSpeed (:func:`hf_levy._zero_space.install_before_step`): clip, add ξ; returns ‖g‖ before clipping."""
         self._pre_clip_norm = norm = clip_zero_grads(self.run.space, max_norm)
         if self.run.sketch.ready and math.isfinite(norm):
             self.add_noise(self._state.global_step)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hf_levy.krylov_basis import KrylovBasis, local_inner
+from hf_levy._krylov_basis import KrylovBasis, local_inner
 
 __all__ = ["Eigenpairs", "lanczos"]
 
@@ -113,7 +113,7 @@ def lanczos(
         matvec: maps a (P,) tensor to H times it, a (P,) tensor. H must be symmetric.
         dim: P, the vector length (under sharding: this rank's shard length, equal on every rank).
         num_eigenpairs: K, with 1 <= K <= dim.
-        num_iters: cap on products and basis rows (rows are allocated as used, see hf_levy.krylov_basis);
+        num_iters: cap on products and basis rows (rows are allocated as used, see hf_levy._krylov_basis);
             default min(dim, 4K + 40), about 1.6x to 4x what a tolerance of 1e-3 needed on LLM Hessians
             (10 / 29 / 44 / 62 products for K = 1 / 4 / 8 / 16).
             Larger values are capped at dim. If the cap ends the run first, the best pairs come back with

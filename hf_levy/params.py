@@ -94,10 +94,16 @@ class ParameterSpace:
     inner products into global ones (identity unless the parameters are sharded).
     """
 
-    def __init__(self, params: Sequence[Tensor]):
+    # What the run asks of a layout. Here: one process, DDP (replicated) or FSDP (sharded parameters).
+    steps_inside_backward = False  # DeepSpeed's engine steps inside backward (see hf_levy._zero_space)
+
+    def __init__(
+        self, params: Sequence[Tensor], *, sharded: bool | None = None, local_numel: int | None = None
+    ):
+        """``sharded`` and ``local_numel`` (this rank's elements) default to what the parameters say."""
         self.params = list(params)
-        self.sharded = any(is_sharded(p) for p in self.params)
-        self.local_numel = num_elements(self.params)
+        self.sharded = any(is_sharded(p) for p in self.params) if sharded is None else sharded
+        self.local_numel = num_elements(self.params) if local_numel is None else local_numel
         self.dim = self.local_numel
         if self.sharded:
             longest = torch.tensor(self.local_numel, dtype=torch.int64, device=self.device)
@@ -105,9 +111,26 @@ class ParameterSpace:
             self.dim = int(longest)
 
     @property
+    def engine(self) -> str:
+        """The engine's name, for messages."""
+        return "FSDP" if self.sharded else "DDP"
+
+    @property
     def exact_products(self) -> bool:
         """Whether double-backward products can run (not on FSDP's sharded parameters)."""
         return not self.sharded
+
+    @property
+    def weighs_rank_shares(self) -> bool:
+        """Whether products weigh each rank's share of the sketch batch (FSDP's backward averages equally)."""
+        return not self.sharded
+
+    def orient_(self, vectors_PK: Tensor) -> Tensor:
+        """Fix each eigenvector's sign where the layout would otherwise change it; returns ``vectors_PK``.
+
+        Here the sign follows Lanczos' random start, the same for every run of the same model and seed.
+        """
+        return vectors_PK
 
     @property
     def device(self) -> torch.device:

@@ -12,7 +12,7 @@ from trainer_utils import COMMON, OVERRIDDEN, SKETCH, flat_params, model, token_
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from hf_levy import LevyArguments, LevyCallback
-from hf_levy.callback_wiring import checkpoint_folder
+from hf_levy._callback_wiring import checkpoint_folder
 
 NOISE = dict(levy_scale=0.5, levy_seed=0)
 

@@ -13,7 +13,7 @@ import torch
 from test_distributed import torchrun_many
 from trainer_utils import run_levy
 
-from hf_levy.extension_locks import clear_stale_build_locks
+from hf_levy._extension_locks import clear_stale_build_locks
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import sys
 import pytest
 from torch.utils.file_baton import FileBaton
 
-from hf_levy.extension_locks import clear_stale_build_locks
+from hf_levy._extension_locks import clear_stale_build_locks
 from hf_levy.recipes.cli import main
 
 # What a process that torch.utils.cpp_extension.load is building in holds: the baton, open.

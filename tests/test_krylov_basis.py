@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_levy import krylov_basis
-from hf_levy.krylov_basis import KrylovBasis
+from hf_levy import _krylov_basis as krylov_basis
+from hf_levy._krylov_basis import KrylovBasis
 
 F64 = torch.float64
 

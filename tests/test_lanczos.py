@@ -13,7 +13,7 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
 from torch.func import functional_call, hessian
 
-from hf_levy.krylov_basis import KrylovBasis
+from hf_levy._krylov_basis import KrylovBasis
 from hf_levy.lanczos import Eigenpairs, lanczos
 
 F64 = torch.float64

@@ -213,7 +213,7 @@ def test_deepspeed_is_refused_naming_the_setting():
     from hf_levy import LevyArguments
     from hf_levy._run_setup import start_run
 
-    class DeepSpeedZeroOptimizer:  # what hf_levy.zero_space.uses_deepspeed recognises by name
+    class DeepSpeedZeroOptimizer:  # what hf_levy._zero_space.uses_deepspeed recognises by name
         pass
 
     levy = LevyArguments(levy_noise_batch_size=2, gradient_noise_scale_every_n_steps=1)

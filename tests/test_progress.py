@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from trainer_utils import run_levy
 
-from hf_levy.progress import counted, sketch_progress
+from hf_levy._progress import counted, sketch_progress
 
 
 def test_a_refresh_shows_its_products_out_of_the_maximum(tmp_path, capsys):

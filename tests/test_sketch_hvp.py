@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-import hf_levy.sketch_hvp
+import hf_levy._run_hvp
 from hf_levy import _rng
 from hf_levy._rng import step_generator
+from hf_levy._run_hvp import count_examples, full_precision_forward, sketch_batch, sketch_matvec
 from hf_levy.params import ParameterSpace
-from hf_levy.sketch_hvp import count_examples, full_precision_forward, sketch_batch, sketch_matvec
 
 DATASET = [{"x": torch.tensor([float(i)])} for i in range(40)]
 
@@ -31,7 +31,7 @@ def test_ranks_take_disjoint_shares_that_make_up_the_whole_sketch_batch(monkeypa
     whole = ids(sketch_batch(DATASET, list, 12, seed=5, step=3))
     shares = []
     for rank in range(3):
-        monkeypatch.setattr(hf_levy.sketch_hvp, "rank_and_world", lambda r=rank: (r, 3))
+        monkeypatch.setattr(hf_levy._run_hvp, "rank_and_world", lambda r=rank: (r, 3))
         shares.append(ids(sketch_batch(DATASET, list, 12, seed=5, step=3)))
     assert [len(s) for s in shares] == [4, 4, 4]
     assert sorted(sum(shares, [])) == sorted(whole)

@@ -15,8 +15,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hf_levy.zero_seam import install_before_step
-from hf_levy.zero_space import ZeroSpace, clip_zero_grads, owned_range, uses_deepspeed, zero_optimizer_of
+from hf_levy._zero_space import (
+    ZeroSpace,
+    clip_zero_grads,
+    install_before_step,
+    owned_range,
+    uses_deepspeed,
+    zero_optimizer_of,
+)
 
 
 class DeepSpeedZeroOptimizer:

@@ -1,5 +1,6 @@
-"""The ``hf-levy`` command: list and copy the shipped recipes, train one arm of a recipe, compare all its
-arms, rebuild a report.
+"""The ``hf-levy`` command: list and copy the shipped recipes, train or compare a recipe's arms, report.
+
+Train one arm of a recipe, compare all its arms, rebuild a report:
 
 hf-levy ls
 hf-levy cp      NAME DEST.yaml | FILE DEST    (a shipped recipe, or an example file such as ds_zero2.json)
@@ -40,6 +41,7 @@ TRUST_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``hf-levy`` and its subcommands."""
     parser = argparse.ArgumentParser(
         prog="hf-levy",
         description=(
@@ -183,6 +185,7 @@ def _int_list(text: str | None, name: str) -> list[int] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``hf-levy`` with ``argv`` (default: the command line); returns the exit status."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
@@ -205,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("train", "compare") and os.environ.get("LOCAL_RANK", "0") == "0":
             # DeepSpeed's op loads wait forever on a build lock a killed run left: one process per machine
             # clears those before any rank can reach the op.
-            from hf_levy.extension_locks import clear_stale_build_locks
+            from hf_levy._extension_locks import clear_stale_build_locks
 
             clear_stale_build_locks()
         recipe = load_recipe(args.config, trust_remote_code=args.trust_remote_code)

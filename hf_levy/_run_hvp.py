@@ -17,10 +17,10 @@ from torch import Tensor, nn
 
 from hf_levy import _compat, _rng
 from hf_levy._rng import step_generator
+from hf_levy._zero_hvp import zero_matvec
+from hf_levy._zero_space import ZeroSpace
 from hf_levy.hvp import LossFn, make_hvp
 from hf_levy.params import ParameterSpace, rank_and_world, sum_over_ranks
-from hf_levy.zero_hvp import zero_matvec
-from hf_levy.zero_space import ZeroSpace
 
 
 def sketch_batch(dataset: Any, collate_fn: Callable, size: int, seed: int, step: int) -> dict[str, Any]:

@@ -14,17 +14,29 @@ Gradients are read and written through DeepSpeed's own gradient fragments: stage
 ``safe_set_full_grad`` writes (DeepSpeed has no local setter there). Under fp16 they hold the gradient
 times the loss scale; every method here works in unscaled units.
 
+Where the noise enters (:func:`install_before_step`): right before the ZeRO optimizer's ``step``. Under
+DeepSpeed the optimizer step runs inside the Trainer's ``accelerator.backward`` (the engine's
+``step()`` on the last micro-batch of an optimizer step), so ``on_pre_optimizer_step`` comes after the
+update. The engine calls its ZeRO optimizer's ``step`` once per optimizer step, after the backward has
+averaged the gradients over the ranks into each rank's partition and before that ``step`` checks for
+fp16 overflow, unscales, clips and updates. That call is wrapped here.
+
+Clipping moves with it: elsewhere the noise is added after ``max_grad_norm`` clipping and is not
+clipped itself (its size is relative to the clipped ‖g‖), but DeepSpeed clips inside ``step``, after
+anything added before it. So the ZeRO optimizer's clipping is off during the call and the wrapper clips first with DeepSpeed's
+formula (:func:`clip_zero_grads`), then adds the noise. DeepSpeed's grad norm, which the Trainer logs as
+``grad_norm``, is set back to ‖g‖ before clipping and noise, what the Trainer logs without DeepSpeed.
+
 Legend: P trainable parameters (all elements), P_local this rank's, K eigenpairs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from hf_levy import _compat
@@ -83,20 +95,29 @@ class ZeroSpace(ParameterSpace):
     fragments, and :meth:`full` / :meth:`local` convert between the (P,) vector and this rank's piece.
     """
 
+    # The engine steps inside backward: the noise enters through install_before_step, and nothing may run a
+    # second backward on the step's batch (no sub-batch noise, calibration or noise-scale measurement).
+    steps_inside_backward = True
+
     def __init__(self, params: Sequence[nn.Parameter], optimizer: Any):
-        self.params = list(params)
         self.optimizer = optimizer
         self.stage = zero_stage(optimizer)
-        self.sharded = True
         rank = rank_and_world()[0]
-        self.ranges = [owned_range(p, rank) for p in self.params]
-        sizes = [full_numel(p) for p in self.params]
+        self.ranges = [owned_range(p, rank) for p in params]
+        sizes = [full_numel(p) for p in params]
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]  # of each parameter in the (P,) vector
         self.full_dim = sum(sizes)
-        self.local_numel = sum(n for _, n in self.ranges)
-        longest = torch.tensor(self.local_numel, dtype=torch.int64, device=self.device)
-        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
-        self.dim = int(longest)
+        super().__init__(params, sharded=True, local_numel=sum(n for _, n in self.ranges))
+
+    @property
+    def engine(self) -> str:
+        """The engine's name, for messages."""
+        return f"DeepSpeed ZeRO-{self.stage}"
+
+    @property
+    def weighs_rank_shares(self) -> bool:
+        """True: the products weigh each rank's share of the sketch batch (:mod:`hf_levy._zero_hvp`)."""
+        return True
 
     @property
     def device(self) -> torch.device:
@@ -225,3 +246,35 @@ def uses_deepspeed(optimizer: Any) -> bool:
             return True
         optimizer = getattr(optimizer, "optimizer", None)
     return False
+
+
+WRAPPED = "_hf_levy_before_step"  # the ZeRO optimizer attribute holding the current hook
+
+
+def install_before_step(optimizer: Any, before_step: Callable[[float], float]) -> None:
+    """Wrap ``optimizer.step`` (a DeepSpeed ZeRO optimizer) to call ``before_step(max_norm)`` first.
+
+    ``max_norm`` is DeepSpeed's ``gradient_clipping`` (0: none), which the wrapper takes over for the
+    call; ``before_step`` returns ‖g‖ before clipping. Installing again (a second ``train()``) only replaces
+    the hook.
+    """
+    if hasattr(optimizer, WRAPPED):
+        setattr(optimizer, WRAPPED, before_step)
+        return
+    setattr(optimizer, WRAPPED, before_step)
+    original = optimizer.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        # Off only for this call: DeepSpeed saves clip_grad in its checkpoints, which must keep the setting.
+        max_norm = float(_compat.get(optimizer, _compat.DS_CLIP_GRAD) or 0.0)
+        norm = getattr(optimizer, WRAPPED)(max_norm)
+        _compat.set_existing(optimizer, _compat.DS_CLIP_GRAD, 0.0)
+        try:
+            result = original(*args, **kwargs)
+        finally:
+            _compat.set_existing(optimizer, _compat.DS_CLIP_GRAD, max_norm)
+        if math.isfinite(norm) and not _compat.get(optimizer, _compat.DS_OVERFLOW, False):
+            _compat.set_existing(optimizer, _compat.DS_GLOBAL_GRAD_NORM, norm)
+        return result
+
+    optimizer.step = step

@@ -1,4 +1,4 @@
-"""Hessian-vector products on this rank's ZeRO piece of v (see :mod:`hf_levy.zero_space`).
+"""Hessian-vector products on this rank's ZeRO piece of v (see :mod:`hf_levy._zero_space`).
 
 * Stages 1 and 2 keep every parameter whole on every rank (only optimizer states and gradients are
   partitioned), so v's pieces are gathered into the (P,) vector, the product runs on the module exactly
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hf_levy._zero_space import ZeroSpace
 from hf_levy.hvp import LossFn, _LossClosure, step_for, warn_if_low_precision
 from hf_levy.params import sum_over_ranks
-from hf_levy.zero_space import ZeroSpace
 
 
 def zero_matvec(

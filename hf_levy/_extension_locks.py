@@ -83,5 +83,5 @@ def clear_stale_build_locks(root: str | os.PathLike[str] | None = None) -> list[
     return removed
 
 
-if __name__ == "__main__":  # python -m hf_levy.extension_locks: clear them by hand
+if __name__ == "__main__":  # python -m hf_levy._extension_locks: clear them by hand
     print("\n".join(map(str, clear_stale_build_locks())) or "no stale build locks", file=sys.stderr)
