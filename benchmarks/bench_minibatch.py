@@ -44,7 +44,7 @@ from bench_trainer_step import common_args, quartiles, run_round_robin
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from hf_levy import LevyConfig, LevyTrainer
-from hf_levy.recipes import tasks
+from hf_levy.recipes import models, tasks
 from hf_levy.recipes.recipe import load_recipe
 
 
@@ -97,7 +97,7 @@ def modular_setup():
     recipe = load_recipe("noise_sources_modular_addition")
     task = tasks.modular_addition(**{k: v for k, v in recipe.task.items() if k != "name"})
     spec = dict(recipe.model)
-    model = tasks.build_model(spec.pop("architecture"), seed=0, vocab_size=task.vocab_size, **spec)
+    model = models.build_model(spec.pop("architecture"), seed=0, vocab_size=task.vocab_size, **spec)
     return task, model
 
 

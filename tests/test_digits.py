@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import EvalPrediction
 
-from hf_levy.recipes.tasks import build_model, digits
+from hf_levy.recipes.models import build_model
+from hf_levy.recipes.tasks import digits
 
 sklearn = pytest.importorskip("sklearn")
 

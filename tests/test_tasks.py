@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers import EvalPrediction, Trainer, TrainingArguments
 
-from hf_levy.recipes.tasks import build_model, modular_addition
+from hf_levy.recipes.models import build_model
+from hf_levy.recipes.tasks import modular_addition
 
 TINY = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2)
 

@@ -56,8 +56,10 @@ def _check_types(where: str, spec: Mapping[str, Any], hints: Mapping[str, Any]) 
 
 
 def check_task(path: Any, task: Mapping[str, Any], builders: Mapping[str, Callable[..., Any]]) -> None:
-    """``task``'s name is a builder of ``builders`` and its other keys are that builder's arguments, of their
-    annotated types, with every required one given."""
+    """Check ``task``: its name is a builder of ``builders``, its other keys are that builder's arguments.
+
+    They are of their annotated types, with every required one given.
+    """
     spec = {key: value for key, value in task.items() if key != "name"}
     name = task["name"]
     if name not in builders:
@@ -79,15 +81,17 @@ def check_task(path: Any, task: Mapping[str, Any], builders: Mapping[str, Callab
 
 
 def check_model(path: Any, model: Mapping[str, Any]) -> None:
-    """``model``'s architecture is a transformers model class (or ``MLPClassifier``) and its keys are what that
-    architecture takes, of their annotated types (see the module docstring)."""
+    """Check ``model``: its architecture is a transformers model class (or ``MLPClassifier``).
+
+    Its keys are what that architecture takes, of their annotated types (see the module docstring).
+    """
     import transformers
 
     where = f"{path}: model"
     architecture = model.get("architecture", DEFAULT_ARCHITECTURE)
     spec = {key: value for key, value in model.items() if key not in RECIPE_MODEL_KEYS}
     if architecture == "MLPClassifier":
-        from hf_levy.recipes.tasks import MLPClassifier
+        from hf_levy.recipes.models import MLPClassifier
 
         _check_keys(where, spec, set(inspect.signature(MLPClassifier).parameters), "MLPClassifier")
         _check_types(where, spec, typing.get_type_hints(MLPClassifier.__init__))
@@ -123,7 +127,7 @@ def _config_class(model_class: type, pretrained: Any) -> type | None:
 
     from transformers import CONFIG_MAPPING
 
-    from hf_levy.recipes.tasks import resolve_pretrained
+    from hf_levy.recipes.models import resolve_pretrained
 
     try:
         config_file = pathlib.Path(resolve_pretrained(pretrained)) / "config.json"
@@ -135,8 +139,11 @@ def _config_class(model_class: type, pretrained: Any) -> type | None:
 
 @functools.cache
 def config_keys(config_class: type) -> frozenset[str]:
-    """What a config class takes: its ``__init__`` arguments, the attributes of its default instance, its
-    aliases (``attribute_map``) and properties (``num_labels``), and ``attn_implementation``."""
+    """What a config class takes.
+
+    Its ``__init__`` arguments, the attributes of its default instance, its aliases (``attribute_map``) and
+    properties (``num_labels``), and ``attn_implementation``.
+    """
     keys = {"attn_implementation", "num_labels"}
     for cls in config_class.__mro__:
         if "__init__" in vars(cls):
@@ -152,8 +159,11 @@ def config_keys(config_class: type) -> frozenset[str]:
 
 @functools.cache
 def loading_keys() -> frozenset[str]:
-    """The keyword arguments of ``PreTrainedModel.from_pretrained``: its parameters and the keys it reads
-    from ``**kwargs`` (``device_map``, ``dtype``, ``subfolder``...), read from its source."""
+    """The keyword arguments of ``PreTrainedModel.from_pretrained``.
+
+    Its parameters and the keys it reads from ``**kwargs`` (``device_map``, ``dtype``, ``subfolder``...),
+    read from its source.
+    """
     from transformers import PreTrainedModel
 
     function = PreTrainedModel.from_pretrained.__func__
@@ -166,8 +176,10 @@ def loading_keys() -> frozenset[str]:
 
 
 def _init_hints(config_class: type) -> dict[str, Any]:
-    """The annotated types of the config's ``__init__`` arguments that resolve (transformers writes them as
-    strings naming ``torch`` and typing names its modules do not all import); the others are not checked."""
+    """The annotated types of the config's ``__init__`` arguments that resolve; the others are not checked.
+
+    transformers writes them as strings naming ``torch`` and typing names its modules do not all import.
+    """
     import torch
 
     hints: dict[str, Any] = {}

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from hf_levy.recipes import small_data_tasks, tasks
+from hf_levy.recipes import models, small_data_tasks, tasks
 from hf_levy.recipes.arm_files import (
     CONFIG,
     SUMMARY,
@@ -49,10 +49,12 @@ TASKS: dict[str, Callable[..., tasks.Task]] = {
 
 
 def arm_dir(run_dir: str | pathlib.Path, arm: str, seed: int) -> pathlib.Path:
+    """The folder of one arm and seed inside a run folder."""
     return pathlib.Path(run_dir) / arm / f"seed{seed}"
 
 
 def build_task(recipe: Recipe) -> tasks.Task:
+    """The recipe's task, built by the builder its ``task.name`` names with the other ``task`` keys."""
     spec = dict(recipe.task)
     name = spec.pop("name")
     if name not in TASKS:
@@ -71,8 +73,9 @@ def build_recipe_model(
     *,
     trust_remote_code: bool = False,
 ) -> Any:
-    """The recipe's model: built from its config (seeded), or ``pretrained`` (a hub id, a folder, or
-    ``package:NAME``) loaded with the remaining keys, optionally wrapped with LoRA adapters (``lora``).
+    """The recipe's model: built from its config (seeded), or ``pretrained`` loaded with the remaining keys.
+
+    ``pretrained`` is a hub id, a folder, or ``package:NAME``; ``lora`` wraps the model with LoRA adapters.
 
     Raises:
         RecipeError: the ``model`` keys would run code (:func:`recipe.code_keys`) and ``trust_remote_code``
@@ -92,9 +95,9 @@ def build_recipe_model(
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # new heads (e.g. a classifier) are initialized from the seed
-            model = model_class.from_pretrained(checkpoint or tasks.resolve_pretrained(pretrained), **spec)
+            model = model_class.from_pretrained(checkpoint or models.resolve_pretrained(pretrained), **spec)
     else:
-        model = tasks.build_model(architecture, seed=seed, vocab_size=task.vocab_size, **spec)
+        model = models.build_model(architecture, seed=seed, vocab_size=task.vocab_size, **spec)
     if lora is not None:
         import peft
 
@@ -153,8 +156,10 @@ def _train(
     ranks: Ranks,
     trust_remote_code: bool,
 ) -> dict[str, Any]:
-    """:func:`train_arm` once the run folder is held: the main process empties or resumes the arm's folder,
-    every rank trains, the main process writes the results."""
+    """:func:`train_arm` once the run folder is held.
+
+    The main process empties or resumes the arm's folder, every rank trains, the main process writes the results.
+    """
     out = arm_dir(run_dir, arm, seed)
     checkpoint = None
     if ranks.is_main:

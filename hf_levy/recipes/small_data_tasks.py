@@ -11,7 +11,7 @@ The question: "does a small batch reach a held-out target in fewer optimizer ste
 - :func:`noisy_digits`: scikit-learn's 8×8 digits with a fraction of the training labels replaced by
   another class (label-noise memorization, Zhang et al. 2017); the metric is accuracy on clean test labels.
 
-Inputs are the ``pixel_values`` that :class:`hf_levy.recipes.tasks.MLPClassifier` takes. Every draw comes
+Inputs are the ``pixel_values`` that :class:`hf_levy.recipes.models.MLPClassifier` takes. Every draw comes
 from a ``torch.Generator`` seeded by the task's ``seed``; the global RNG is never touched. Nothing is
 downloaded.
 """

