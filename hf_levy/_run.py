@@ -56,6 +56,7 @@ class OnceWarnings:
 class LevyRun:
     """What one run holds and does at each optimizer step (see the module docstring)."""
 
+    levy: LevyArguments  # the levy fields: what the noise, the sketch and the calibration do
     model: nn.Module
     space: ParameterSpace
     sketch: HessianSketch
@@ -107,7 +108,7 @@ class LevyRun:
         self.sketch_metrics, self.noise_window, self.skipped_nonfinite = {}, NoiseTally(), 0
         return metrics
 
-    def calibrate(self, levy: LevyArguments, step: int, loss_fn: LossFn | None = None) -> dict[str, float]:
+    def calibrate(self, step: int, loss_fn: LossFn | None = None) -> dict[str, float]:
         """Fit the noise of batch size b along the current eigenvectors; returns the metrics.
 
         The injected α_K and scales c_inj_K (:func:`calibrate_to_virtual_batch`) are kept for the noise.
@@ -119,12 +120,12 @@ class LevyRun:
             self.collate_fn,
             self.space,
             self.sketch.vectors_PK,
-            virtual_batch_size=levy.levy_virtual_batch_size,
-            num_microbatches=levy.calibration_num_microbatches,
+            virtual_batch_size=self.levy.levy_virtual_batch_size,
+            num_microbatches=self.levy.calibration_num_microbatches,
             physical_batch_size=self.physical_batch_size,
             seed=self.seed,
             step=step,
-            alpha=None if levy.calibration_fit_alpha else levy.levy_alpha,
+            alpha=None if self.levy.calibration_fit_alpha else self.levy.levy_alpha,
             loss_fn=loss_fn,
         )
         metrics = {f"levy/fitted_alpha_{i}": float(a) for i, a in enumerate(self.calibration.alpha_K)}
@@ -132,7 +133,7 @@ class LevyRun:
             {f"levy/calibrated_scale_{i}": float(c) for i, c in enumerate(self.calibration.scale_K)}
         )
         metrics["levy/noise_variance_share"] = variance_share  # of the batch-b noise, in the top-K span
-        metrics["curvature/calibration_gradients"] = float(levy.calibration_num_microbatches)
+        metrics["curvature/calibration_gradients"] = float(self.levy.calibration_num_microbatches)
         metrics["curvature/calibration_seconds"] = time.perf_counter() - start
         return metrics
 
@@ -191,7 +192,7 @@ class LevyRun:
         saved["vectors_KP"] = saved["vectors_KP"].to(settings.vector_device, settings.vector_dtype)
         self.sketch.load_state_dict(saved)
 
-    def add_noise(self, levy: LevyArguments, step: int, pre_clip_norm: Any = None) -> bool:
+    def add_noise(self, step: int, pre_clip_norm: Any = None) -> bool:
         """Add this step's ξ (Hessian or isotropic basis) to ``.grad``; returns whether noise was added.
 
         Skipped (and counted in ``skipped_nonfinite``) when ‖g‖ is not finite (an fp16 overflow: the
@@ -210,11 +211,11 @@ class LevyRun:
             grad_norm,
             self.sketch.values_K,
             step_generator(self.seed + _rng.NOISE, step),
-            levy_scale=levy.levy_scale,
-            scale_mode=levy.levy_scale_mode,
-            alpha=levy.levy_alpha,
-            clip=levy.levy_clip,
-            max_noise_ratio=levy.levy_max_noise_ratio,
+            levy_scale=self.levy.levy_scale,
+            scale_mode=self.levy.levy_scale_mode,
+            alpha=self.levy.levy_alpha,
+            clip=self.levy.levy_clip,
+            max_noise_ratio=self.levy.levy_max_noise_ratio,
             calibrated_scale_K=calibration.scale_K if calibration is not None else None,
             calibrated_alpha_K=calibration.alpha_K if calibration is not None else None,
             pre_clip_norm=host_float(pre_clip_norm),
@@ -226,16 +227,18 @@ class LevyRun:
             logger.warning("hf_levy: step %d: the noise overflows the gradient dtype and is skipped", step)
             self.skipped_nonfinite += 1
             return False
-        if levy.levy_noise_basis == "hessian":
+        if self.levy.levy_noise_basis == "hessian":
             self.space.add_combination_to_grads(self.sketch.vectors_PK, draw.coef_K)
         else:
-            self.space.add_to_grads(self.isotropic_xi(noise_norm, levy.levy_alpha, levy.levy_clip, step))
+            self.space.add_to_grads(
+                self.isotropic_xi(noise_norm, self.levy.levy_alpha, self.levy.levy_clip, step)
+            )
         self.noise_window.add(draw, noise_norm, grad_norm)
         self.noise_total.add(draw, noise_norm, grad_norm)
         return True
 
     def add_minibatch_noise(
-        self, levy: LevyArguments, step: int, pre_clip_norm: Any = None, loss_fn: LossFn | None = None
+        self, step: int, pre_clip_norm: Any = None, loss_fn: LossFn | None = None
     ) -> bool:
         """Add this step's real sub-batch noise ξ = κ·(r·g_b − g) (or its top-K projection) to ``.grad``.
 
@@ -257,14 +260,17 @@ class LevyRun:
             self.skipped_nonfinite += 1
             return False
         space = self.space
-        sub_P = self._subbatch_gradient(levy, batches, step, loss_fn)
+        sub_P = self._subbatch_gradient(batches, step, loss_fn)
         pre_clip = host_float(pre_clip_norm)
         shrink = min(1.0, grad_norm / pre_clip) if pre_clip else 1.0
-        if levy.gradient_noise_scale_every_n_steps != 0:  # free: g_b and ‖g‖ are at hand
-            self._update_noise_scale(levy, sub_P, pre_clip if pre_clip is not None else grad_norm, batches)
-        topk = levy.levy_noise_basis == "minibatch_topk"
+        if self.levy.gradient_noise_scale_every_n_steps != 0:  # free: g_b and ‖g‖ are at hand
+            self._update_noise_scale(sub_P, pre_clip if pre_clip is not None else grad_norm, batches)
+        topk = self.levy.levy_noise_basis == "minibatch_topk"
         kappa = minibatch_kappa(
-            levy.levy_scale, levy.levy_noise_batch_size, levy.levy_virtual_batch_size, self.step_examples
+            self.levy.levy_scale,
+            self.levy.levy_noise_batch_size,
+            self.levy.levy_virtual_batch_size,
+            self.step_examples,
         )
         noise = minibatch_noise(
             space.flat_grads(),
@@ -287,7 +293,7 @@ class LevyRun:
         return True
 
     def measure_noise_scale(
-        self, levy: LevyArguments, step: int, pre_clip_norm: Any = None, loss_fn: LossFn | None = None
+        self, step: int, pre_clip_norm: Any = None, loss_fn: LossFn | None = None
     ) -> bool:
         """Fold this step's pair of batches into ``noise_scale``, at the cost of one sub-batch gradient.
 
@@ -304,12 +310,10 @@ class LevyRun:
             return False
         pre_clip = host_float(pre_clip_norm)
         full_norm = pre_clip if pre_clip is not None else self.space.grad_norm()
-        sub_P = self._subbatch_gradient(levy, batches, step, loss_fn)
-        return self._update_noise_scale(levy, sub_P, full_norm, batches)
+        sub_P = self._subbatch_gradient(batches, step, loss_fn)
+        return self._update_noise_scale(sub_P, full_norm, batches)
 
-    def _subbatch_gradient(
-        self, levy: LevyArguments, batches: list[Any], step: int, loss_fn: LossFn | None
-    ) -> Tensor:
+    def _subbatch_gradient(self, batches: list[Any], step: int, loss_fn: LossFn | None) -> Tensor:
         """g_b, this rank's flat piece, of the step's sub-batch.
 
         ``levy_noise_batch_size`` examples of the step's micro-batches drawn by the step's generator
@@ -318,7 +322,7 @@ class LevyRun:
         world = rank_and_world()[1]
         rows = subbatch_rows(
             [batch_length(b) for b in batches],
-            levy.levy_noise_batch_size // world,
+            self.levy.levy_noise_batch_size // world,
             step_generator(self.seed + _rng.MINIBATCH, step),
         )
         sub_P, _ = subbatch_gradient(self.model, batches, rows, self.params, loss_fn=loss_fn)
@@ -326,9 +330,7 @@ class LevyRun:
             sub_P = sum_over_ranks(sub_P).div_(world)
         return sub_P
 
-    def _update_noise_scale(
-        self, levy: LevyArguments, sub_P: Tensor, full_norm: float, batches: list[Any]
-    ) -> bool:
+    def _update_noise_scale(self, sub_P: Tensor, full_norm: float, batches: list[Any]) -> bool:
         """Fold ‖g_b‖² (b = levy_noise_batch_size) and ‖g_B‖² = ``full_norm``² into ``noise_scale``.
 
         B counts the step's examples, this rank's micro-batches times the ranks (an epoch's short last step
@@ -337,13 +339,13 @@ class LevyRun:
         noise).
         """
         small = float(self.space.reduce(sub_P.double().square().sum()))
-        b, population = levy.levy_noise_batch_size, len(self.dataset)
+        b, population = self.levy.levy_noise_batch_size, len(self.dataset)
         big = min(sum(batch_length(batch) for batch in batches) * rank_and_world()[1], population)
         if big <= b:  # a short last step: no larger batch to pair with
             return False
         return self.noise_scale.update(small, b, full_norm**2, big, population=population)
 
-    def warn_if_unconverged(self, levy: LevyArguments, step: int) -> None:
+    def warn_if_unconverged(self, step: int) -> None:
         """A refresh that hit lanczos_num_iters before lanczos_tol (curvature/lanczos_converged = 0)."""
         if self.sketch_metrics.get("curvature/lanczos_converged", 1.0) == 1.0:
             return
@@ -356,10 +358,10 @@ class LevyRun:
             step,
             self.sketch.settings.num_iters,
             self.sketch_metrics["curvature/lanczos_residual"],
-            levy.lanczos_tol,
+            self.levy.lanczos_tol,
         )
 
-    def warn_if_mostly_capped(self, levy: LevyArguments) -> None:
+    def warn_if_mostly_capped(self) -> None:
         """More than half of the noisy steps so far had their noise norm set by the cap."""
         total = self.noise_total
         if total.capped_fraction <= 0.5:
@@ -370,13 +372,13 @@ class LevyRun:
             "the noise is then a fixed-norm direction set by the cap, not by levy_alpha or levy_scale. "
             "Lower levy_scale or raise levy_max_noise_ratio (logged as levy/capped_fraction; this "
             "warning is shown once)",
-            levy.levy_max_noise_ratio,
+            self.levy.levy_max_noise_ratio,
             total.capped_steps,
             total.steps,
             100 * total.capped_fraction,
         )
 
-    def warn_sketch_failed(self, levy: LevyArguments, step: int) -> None:
+    def warn_sketch_failed(self, step: int) -> None:
         """A refresh discarded for non-finite products or eigenpairs (counted in curvature/failed_refreshes)."""
         kept = (
             f"the noise keeps the sketch of step {self.sketch.step}"
@@ -392,5 +394,5 @@ class LevyRun:
             step,
             self.sketch.failure,
             kept,
-            levy.sketch_every_n_steps,
+            self.levy.sketch_every_n_steps,
         )

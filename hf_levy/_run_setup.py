@@ -76,6 +76,7 @@ def start_run(
         _check_virtual_batch(levy, min(per_step, len(dataset)), len(dataset), world, space.sharded)
     seed = levy.levy_seed if levy.levy_seed is not None else args.seed
     return LevyRun(
+        levy=levy,
         model=model,
         space=space,
         sketch=HessianSketch(sketch_settings(levy, space, seed)),

@@ -258,7 +258,7 @@ class LevyCallback(TrainerCallback):
                 run.sketch_metrics = self.refresh_sketch(step)
             failed = run.sketch.failure is not None
             if not failed:
-                run.warn_if_unconverged(self.levy, step)
+                run.warn_if_unconverged(step)
             if not failed:
                 run.space.orient_(run.sketch.vectors_PK)
             if rank_and_world()[1] > 1 and not failed and not run.space.sharded:
@@ -271,7 +271,7 @@ class LevyCallback(TrainerCallback):
                 run.sketch_metrics.update(self.calibrate(step))
         if failed:
             run.failed_refreshes += 1
-            run.warn_sketch_failed(self.levy, step)
+            run.warn_sketch_failed(step)
         elif previous is not None:
             run.sketch_metrics["curvature/sketch_period"] = float(step - previous)
         # The whole refresh (batch, products, Lanczos, broadcast, calibration): the terms of the total.
@@ -286,12 +286,12 @@ class LevyCallback(TrainerCallback):
         every = levy.gradient_noise_scale_every_n_steps
         free = levy.levy_scale != 0 and levy.levy_noise_basis in MINIBATCH_BASES  # g_b is computed anyway
         if every and not free and step % every == 0:  # before ξ: ‖g‖ is the step's own gradient's
-            run.measure_noise_scale(levy, step, self._pre_clip_norm, self.loss_fn)
+            run.measure_noise_scale(step, self._pre_clip_norm, self.loss_fn)
         basis = levy.levy_noise_basis
         if levy.levy_scale != 0 and (
             basis == "minibatch" or (basis == "minibatch_topk" and run.sketch.ready)
         ):
-            if run.add_minibatch_noise(levy, step, self._pre_clip_norm, self.loss_fn):
+            if run.add_minibatch_noise(step, self._pre_clip_norm, self.loss_fn):
                 self.noise_draws += 1
         elif levy.levy_scale != 0 and run.sketch.ready and basis not in MINIBATCH_BASES:
             self.add_noise(step)
@@ -311,7 +311,7 @@ class LevyCallback(TrainerCallback):
         """The metrics to add to ``logs``: for a training log and the end-of-training summary, else none."""
         if self.run is None or not ("loss" in logs or "train_runtime" in logs):
             return {}
-        self.run.warn_if_mostly_capped(self.levy)
+        self.run.warn_if_mostly_capped()
         alpha = None if self.levy.levy_noise_basis in MINIBATCH_BASES else self.levy.levy_alpha
         return self.run.log_metrics(summary="loss" not in logs, alpha=alpha)
 
@@ -347,7 +347,7 @@ class LevyCallback(TrainerCallback):
 
     def calibrate(self, step: int) -> dict[str, float]:
         """Fit the noise of batch size b along the new eigenvectors (:meth:`LevyRun.calibrate`)."""
-        return self.run.calibrate(self.levy, step, self.loss_fn)
+        return self.run.calibrate(step, self.loss_fn)
 
     def _before_zero_step(self, max_norm: float) -> float:
         """DeepSpeed (:func:`hf_levy._zero_space.install_before_step`): clip, add ξ; returns ‖g‖ before clipping."""
@@ -359,5 +359,5 @@ class LevyCallback(TrainerCallback):
     def add_noise(self, step: int) -> None:
         """g ← g + ξ on this step (see :meth:`hf_levy._run.LevyRun.add_noise`)."""
         pre_clip = self._pre_clip_norm if self.run.calibration is not None else None  # read only where used
-        if self.run.add_noise(self.levy, step, pre_clip):
+        if self.run.add_noise(step, pre_clip):
             self.noise_draws += 1

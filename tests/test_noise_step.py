@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from test_run_state import _args, _loader
+from test_run_setup import _args, _loader
 
 from hf_levy import LevyArguments, _rng
 from hf_levy._rng import step_generator
@@ -66,7 +66,7 @@ def test_the_noise_is_the_eigenvectors_times_the_documented_coefficients_of_its_
     )
     run = sketched_run(levy)
     before = flat_grad(run)
-    assert run.add_noise(levy, step)
+    assert run.add_noise(step)
     xi = flat_grad(run) - before
     coef = documented_coefficients(run, levy, step, before.norm().item())
     vectors = run.sketch.vectors_PK.double()
@@ -89,7 +89,7 @@ def test_steps_draw_different_noise_and_negative_curvature_gets_none():
     for step in (5, 6):
         run = sketched_run(levy, spectrum)
         before = flat_grad(run)
-        run.add_noise(levy, step)
+        run.add_noise(step)
         xi = flat_grad(run) - before
         coef = run.sketch.vectors_PK.double().T @ xi
         assert abs(coef[1].item()) < 1e-6 and abs(coef[0].item()) > 1e-3
@@ -103,7 +103,7 @@ def test_the_cap_and_the_clip_bound_the_noise_and_are_counted():
     )
     run = sketched_run(levy)
     before = flat_grad(run)
-    run.add_noise(levy, 7)
+    run.add_noise(7)
     xi = flat_grad(run) - before
     assert xi.norm().item() == pytest.approx(levy.levy_max_noise_ratio * before.norm().item(), rel=1e-5)
     assert run.noise_window.capped_steps == 1
@@ -119,7 +119,7 @@ def test_a_non_finite_gradient_gets_no_noise_and_is_counted(bad, mode):
     run = sketched_run(levy)
     run.params[1].grad[0] = bad
     before = [p.grad.clone() for p in run.params]
-    assert not run.add_noise(levy, 2)
+    assert not run.add_noise(2)
     for p, b in zip(run.params, before, strict=True):
         torch.testing.assert_close(p.grad, b, rtol=0, atol=0, equal_nan=True)
     assert run.skipped_nonfinite == 1 and run.noise_total.steps == 0
@@ -136,7 +136,7 @@ def test_noise_that_would_overflow_the_gradient_dtype_is_skipped():
     )
     run = sketched_run(levy)
     before = [p.grad.clone() for p in run.params]
-    assert not run.add_noise(levy, 2)
+    assert not run.add_noise(2)
     assert all(torch.equal(p.grad, b) for p, b in zip(run.params, before, strict=True))
     assert run.skipped_nonfinite == 1
 
@@ -146,7 +146,7 @@ def test_without_gradients_nothing_is_added():
     run = sketched_run(levy)
     for p in run.params:
         p.grad = None
-    assert not run.add_noise(levy, 2)
+    assert not run.add_noise(2)
     assert all(p.grad is None for p in run.params) and run.skipped_nonfinite == 0
 
 
@@ -158,7 +158,7 @@ def test_a_parameter_without_a_gradient_still_gets_its_part_of_the_noise():
     weight, bias = run.params
     bias.grad = None
     grad_before = weight.grad.detach().double().reshape(-1).clone()
-    assert run.add_noise(levy, 3)
+    assert run.add_noise(3)
     coef = documented_coefficients(run, levy, 3, grad_before.norm().item())
     xi = run.sketch.vectors_PK.double() @ coef
     torch.testing.assert_close(weight.grad.double().reshape(-1) - grad_before, xi[:6], rtol=1e-5, atol=1e-6)
@@ -169,7 +169,7 @@ def test_the_isotropic_ablation_has_the_hessian_noise_norm_spread_over_all_coord
     levy = LevyArguments(sketch_batch_size=4, num_eigenpairs=2, levy_noise_basis="isotropic", levy_seed=5)
     run = sketched_run(levy)
     before = flat_grad(run)
-    run.add_noise(levy, 9)
+    run.add_noise(9)
     xi = flat_grad(run) - before
     norm = documented_coefficients(run, levy, 9, before.norm().item()).norm().item()
     torch.testing.assert_close(xi, run.isotropic_xi(norm, levy.levy_alpha, levy.levy_clip, 9).double())
@@ -192,7 +192,7 @@ def test_the_isotropic_ablation_clips_its_own_draws_at_levy_clip():
     )
     run = sketched_run(levy)
     before = flat_grad(run)
-    assert run.add_noise(levy, 9)
+    assert run.add_noise(9)
     xi = flat_grad(run) - before
     z = sample_symmetric_stable(
         (8,), 1.0, generator=step_generator(run.seed + _rng.ISOTROPIC, 9), dtype=torch.float32
@@ -211,7 +211,7 @@ def test_calibrated_noise_uses_its_own_scales_and_alphas_shrunk_by_the_clipping(
     )
     before = flat_grad(run)
     grad_norm = before.norm().item()
-    run.add_noise(levy, 8, pre_clip_norm=torch.tensor(4 * grad_norm))
+    run.add_noise(8, pre_clip_norm=torch.tensor(4 * grad_norm))
     xi = flat_grad(run) - before
     z = sample_symmetric_stable(
         (2,),

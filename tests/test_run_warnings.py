@@ -7,7 +7,7 @@ import warnings
 
 import torch
 from test_callback_wiring import plain_trainer
-from test_run_state import _args, _loader
+from test_run_setup import _args, _loader
 from trainer_utils import SKETCH, flat_params, run_stock
 
 from hf_levy import LevyArguments, LevyCallback
@@ -70,7 +70,7 @@ def test_the_cap_warning_counts_the_whole_run_and_needs_more_than_half_of_its_st
     def warnings_after(run):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="hf_levy._run"):
-            run.warn_if_mostly_capped(levy)
+            run.warn_if_mostly_capped()
         return [r.getMessage() for r in caplog.records if "hit the cap" in r.getMessage()]
 
     half = start_run(levy, _args(), torch.nn.Linear(3, 2), _loader())

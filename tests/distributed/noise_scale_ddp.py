@@ -87,6 +87,7 @@ def trainer_measurement(model: torch.nn.Module) -> dict[str, float]:
             dist.all_reduce(p.grad)
             p.grad /= world
     run = LevyRun(  # no sketch: the measurement reads none
+        levy=LevyArguments(levy_noise_batch_size=NOISE_BATCH, gradient_noise_scale_every_n_steps=1),
         model=model,
         space=ParameterSpace(params),
         sketch=None,
@@ -98,9 +99,8 @@ def trainer_measurement(model: torch.nn.Module) -> dict[str, float]:
         step_batches=[batch],
         noise_scale=NoiseScaleSmoother(),
     )
-    levy = LevyArguments(levy_noise_batch_size=NOISE_BATCH, gradient_noise_scale_every_n_steps=1)
     for step in range(MEASURED_STEPS):
-        assert run.measure_noise_scale(levy, step)
+        assert run.measure_noise_scale(step)
     return run.noise_scale.state_dict()
 
 

@@ -230,7 +230,7 @@ def test_a_refresh_calibrates_on_the_micro_batches_of_its_step_and_logs_alpha_an
     run = start_run(levy, _args(), LeastSquares(optimum(dim)), loader)
     hessian = (q * s_k**2) @ q.T + 0.1 * torch.eye(dim, dtype=torch.float64)
     run.sketch.refresh(lambda v: hessian.to(v) @ v, dim, step=3)
-    metrics = run.calibrate(levy, step=3)
+    metrics = run.calibrate(step=3)
     indices = torch.randint(n, (m, b), generator=step_generator(9 + _rng.CALIBRATION, 3))
     table = -((eps[indices] * s_k).sum(1) / b) @ (q.T @ run.sketch.vectors_PK.double())  # (M, K)
     fit = fit_directional_noise(table)

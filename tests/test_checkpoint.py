@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_run_state import _args, _loader
+from test_run_setup import _args, _loader
 from trainer_utils import flat_params, run_levy
 
 from hf_levy import LevyArguments
