@@ -63,6 +63,12 @@ ORIGINAL_FORWARD = Private(
 )
 
 # DeepSpeed's ZeRO optimizers (stages 1 and 2; stage 3 sets the same attributes).
+# Accelerate keeps one DeepSpeed plugin per process in a shared state and refuses a second Accelerator that
+# brings its own: several Trainers in one process (the arms of a recipe) need that state emptied in between.
+RESET_ACCELERATOR_STATE = Private(
+    "accelerate", "AcceleratorState", "_reset_state", "accelerate.state.AcceleratorState"
+)
+
 _ZERO = "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer"
 DS_CLIP_GRAD = Private("deepspeed", "DeepSpeedZeroOptimizer", "clip_grad", _ZERO)
 DS_GLOBAL_GRAD_NORM = Private("deepspeed", "DeepSpeedZeroOptimizer", "_global_grad_norm", _ZERO)
@@ -76,6 +82,7 @@ EVERY_PRIVATE = (
     *TRAINER_OVERRIDES,
     GET_OUTPUT_DIR,
     ORIGINAL_FORWARD,
+    RESET_ACCELERATOR_STATE,
     DS_CLIP_GRAD,
     DS_GLOBAL_GRAD_NORM,
     DS_OVERFLOW,
@@ -122,3 +129,13 @@ def accelerate_original_forward(model: Any) -> Any:
     Read from the instance's own attributes: a class attribute of that name is not Accelerate's.
     """
     return vars(model).get(ORIGINAL_FORWARD.name)
+
+
+def reset_accelerator_state() -> None:
+    """Forget the Accelerator state of the Trainer built last (its DeepSpeed plugin, mixed precision).
+
+    The next Trainer of this process then builds its own; the process group (PartialState) is kept.
+    """
+    from accelerate.state import AcceleratorState
+
+    get(AcceleratorState, RESET_ACCELERATOR_STATE)(reset_partial_state=False)

@@ -93,3 +93,32 @@ def test_the_reported_batch_is_the_examples_each_optimizer_step_consumed(launche
     # A full batch is the 24 training pairs once. (Accelerate's even batches hand each rank all 24 of them, so
     # the token counter reads 48 examples a step there: the same 24 on both ranks.)
     assert batch("stock_full") == round(0.5 * 7 * 7) == 24
+
+
+@pytest.fixture(scope="module")
+def deepspeed_launches(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    from hf_levy._extension_locks import clear_stale_build_locks
+
+    clear_stale_build_locks()  # a run killed while loading DeepSpeed's op would make this launch wait forever
+    folder = tmp_path_factory.mktemp("deepspeed_ranks")
+    recipe, run = folder / "tiny.yaml", folder / "run"
+    recipe.write_text("# purpose: a test\n" + yaml.safe_dump(RECIPE, sort_keys=False))
+    config = ROOT / "hf_levy" / "recipes" / "examples" / "ds_zero2.json"
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        first = launch(recipe, run, "--deepspeed", str(config))
+        second = launch(recipe, run, "--deepspeed", str(config), "--max_steps", "3")
+    finally:
+        del os.environ["DS_ACCELERATOR"]
+    return run, first.stdout, second.stdout
+
+
+def test_every_arm_of_a_deepspeed_run_builds_its_own_accelerator_and_a_rerun_retrains(deepspeed_launches):
+    # Accelerate refuses a second Accelerator bringing its own DeepSpeed plugin: the second arm used to fail.
+    run, first, second = deepspeed_launches
+    for out in (first, second):
+        assert "[1/2] stock_full seed 0: done in" in out, out
+        assert "[2/2] levy_accumulated seed 0: done in" in out, out
+    for arm in ("stock_full", "levy_accumulated"):  # the rerun's files
+        assert json.loads((run / arm / "seed0" / "summary.json").read_text())["steps"] == 3

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from hf_levy._compat import reset_accelerator_state
 from hf_levy.recipes import models, small_data_tasks, tasks
 from hf_levy.recipes.arm_files import (
     CONFIG,
@@ -176,6 +177,8 @@ def _train(
     if checkpoint is not None:
         tracker.load_state_dict(read_json(checkpoint / TRACKER))
     trainer_class = LevyTrainer if recipe.arms[arm].trainer == "levy" else Trainer
+    if config.deepspeed:  # each arm's Trainer brings its own DeepSpeed plugin
+        reset_accelerator_state()
     trainer = trainer_class(
         model=model,
         args=config,
