@@ -83,8 +83,11 @@ def read_json(path: pathlib.Path) -> Any | None:
 
 
 def last_checkpoint(folder: pathlib.Path) -> pathlib.Path | None:
-    """The latest ``checkpoint-N`` in ``folder`` that is complete: its tracker state, written once the
-    Trainer has saved everything else, is there and readable."""
+    """The latest complete ``checkpoint-N`` in ``folder``; None when there is none.
+
+    Complete means its tracker state, written once the Trainer has saved everything else, is there and
+    readable.
+    """
     pattern = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
     complete = [
         (int(match.group(1)), path)
@@ -124,8 +127,10 @@ def write_json(path: pathlib.Path, data: Any) -> None:
 
 
 def write_text(path: pathlib.Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``, so that a
-    reader (or a run interrupted mid-write) sees the previous file or the new one, never a truncated one."""
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    A reader (or a run interrupted mid-write) sees the previous file or the new one, never a truncated one.
+    """
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as file:

@@ -1,5 +1,7 @@
-"""The report's batch-gap table: how much of the gap between the stock full batch and the small batch each arm
-closes, per seed and as the median over seeds (the noise-sources study reads it).
+"""The report's batch-gap table: how much of the full-batch-to-small-batch gap each arm closes.
+
+The gap is the one between the stock full batch and the best small batch, given per seed and as the median
+over seeds (the noise-sources study reads it).
 
 Per arm and seed: steps to target; the fraction of the batch gap closed, (S_full − S_arm) / (S_full − S_b),
 with S_full the ``stock_full_batch`` arm and S_b the best point of the small-batch learning-rate grid (lowest
@@ -42,13 +44,17 @@ def seconds_per_step(run: dict[str, Any]) -> float | None:
 
 
 def median_ratio(run: dict[str, Any]) -> float | None:
+    """The median ‖ξ‖/‖g‖ over a run's logs (``levy/noise_to_grad_ratio``); None when no log has it."""
     values = [h[RATIO] for h in run["history"] if RATIO in h]
     return statistics.median(values) if values else None
 
 
 def gap_closed(arm: dict[str, Any], full: dict[str, Any], small: dict[str, Any]) -> tuple[float, str] | None:
-    """(value, text) of the gap this seed closed; the value is an upper bound (text ``<x``) when the arm
-    missed the target; None when the gap is not defined (either end missed, or no gap on this seed)."""
+    """(value, text) of the gap this seed closed: (S_full − S_arm) / (S_full − S_b), steps to target.
+
+    When the arm missed the target its steps run stand for S_arm and the value is an upper bound (text
+    ``<x``). None when the gap is not defined: either end missed, or no gap on this seed (S_full ≤ S_b).
+    """
     s_full, s_small = steps_to_target(full), steps_to_target(small)
     if math.isinf(s_full) or math.isinf(s_small) or s_full <= s_small:
         return None
@@ -60,8 +66,11 @@ def gap_closed(arm: dict[str, Any], full: dict[str, Any], small: dict[str, Any])
 
 
 def median_gap_text(cells: list[tuple[float, str]]) -> str:
-    """The median of the per-seed gaps; with an even count the mean of the middle two when both are exact,
-    else the lower one (an upper bound stays one)."""
+    """The median of the per-seed gaps ``cells`` (as :func:`gap_closed` gives them), as text; "—" for none.
+
+    With an even count it is the mean of the middle two when both are exact, else the one of them that is an
+    upper bound (the lower if both are), so that an upper bound stays one.
+    """
     if not cells:
         return "—"
     ordered = sorted(cells, key=lambda c: c[0])
@@ -83,8 +92,11 @@ def _number(value: float | None) -> str:
 
 
 def batch_gap_section(runs: list[dict[str, Any]]) -> list[str]:
-    """The markdown section (empty without a ``stock_full_batch`` arm); the gap column needs a learning-rate
-    grid of stock arms (``<prefix>_lr_x<factor>``) and is left out without one."""
+    """The report's batch-gap section as markdown lines; empty without a ``stock_full_batch`` arm.
+
+    ``runs`` are the report's runs (``summary``, ``history``, ``timeline`` per arm and seed). The gap column
+    needs a learning-rate grid of stock arms (``<prefix>_lr_x<factor>``) and is left out without one.
+    """
     groups = by_arm([r["summary"] for r in runs])
     if FULL_BATCH not in groups:
         return []

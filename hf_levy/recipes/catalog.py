@@ -29,8 +29,10 @@ def shipped() -> dict[str, pathlib.Path]:
 
 
 def examples() -> dict[str, pathlib.Path]:
-    """Every shipped example file (the script docs/distributed.md launches, its DeepSpeed configs), file name
-    -> file, in name order."""
+    """Every shipped example file, file name -> file, in name order.
+
+    The examples are the script docs/distributed.md launches and its DeepSpeed configs.
+    """
     return {p.name: p for p in sorted(EXAMPLES.glob("*")) if p.is_file() and p.suffix in EXAMPLE_SUFFIXES}
 
 
@@ -60,8 +62,11 @@ def resolve(config: str | os.PathLike[str]) -> pathlib.Path:
 
 
 def header_fields(path: pathlib.Path) -> dict[str, str]:
-    """The header's ``purpose``, ``command``, ``hardware``, ``runtime`` and ``outcome``, continuation lines
-    joined; keys the header lacks are absent."""
+    """The header's ``purpose``, ``command``, ``hardware``, ``runtime`` and ``outcome`` lines, key -> text.
+
+    Continuation lines (comment lines indented further) are joined to their key's text; keys the header
+    lacks are absent.
+    """
     fields: dict[str, str] = {}
     key = None
     for line in path.read_text().splitlines():
@@ -79,8 +84,10 @@ def header_fields(path: pathlib.Path) -> dict[str, str]:
 
 
 def listing() -> str:
-    """``hf-levy ls``: each shipped recipe's name and purpose, then its expected runtime (up to its first
-    parenthesis, where the headers keep how it was measured)."""
+    """``hf-levy ls``: each shipped recipe's name and purpose, then its expected runtime.
+
+    The runtime is cut at its first parenthesis, where the headers keep how it was measured.
+    """
     rows = [(name, header_fields(path)) for name, path in shipped().items()]
     if not rows:
         return f"no recipes in {CONFIGS}: this hf_levy was installed without its package data"

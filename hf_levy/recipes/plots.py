@@ -33,8 +33,11 @@ def make_plots(runs: list[dict[str, Any]], metric: str, folder: pathlib.Path) ->
     paths = []
 
     def series(run: dict[str, Any], key: str, at_sketch: bool) -> tuple[list[float], list[float]]:
-        """(steps, values) of ``key``; with ``at_sketch`` a refresh's metric at the step it was computed at
-        (``curvature/sketch_step``), not at the log that showed it (the next one, or the run's summary)."""
+        """(steps, values) of ``key`` over a run's log history.
+
+        With ``at_sketch`` a refresh's metric is placed at the step it was computed at
+        (``curvature/sketch_step``), not at the log that showed it (the next one, or the run's summary).
+        """
         points = [
             (h.get(SKETCH_STEP, h["step"]) if at_sketch else h["step"], h[key])
             for h in run["history"]

@@ -67,6 +67,8 @@ class RecipeError(ValueError):
 
 @dataclass
 class Target:
+    """The recipe's ``target``: the eval metric and the value an arm must reach ("steps to target")."""
+
     metric: str = "eval_accuracy"
     value: float = 0.95
     stop: bool = True  # stop an arm once it reaches the target (its steps-to-target are then known)
@@ -75,6 +77,8 @@ class Target:
 
 @dataclass
 class Arm:
+    """One arm of a recipe: its name, its trainer (``stock`` or ``levy``) and the typed fields it sets."""
+
     name: str
     trainer: str
     fields: dict[str, Any]
@@ -82,6 +86,8 @@ class Arm:
 
 @dataclass
 class Recipe:
+    """A loaded and checked recipe (:func:`load_recipe`); ``header`` is its top comment block, unprefixed."""
+
     path: pathlib.Path
     header: str
     task: dict[str, Any]
@@ -93,6 +99,7 @@ class Recipe:
 
     @property
     def name(self) -> str:
+        """The recipe's name: its file name without ``.yaml``."""
         return self.path.stem
 
 
@@ -190,8 +197,10 @@ def typed_value(key: str, value: Any, where: str) -> Any:
 
 
 def _from_text(text: str, hint: Any) -> Any:
-    """``text`` converted to the first of bool, int, float, list that the field takes and that parses;
-    unchanged when none does (the caller then names the type)."""
+    """``text`` converted to the first of bool, int, float, list that the field takes and that parses.
+
+    ``text`` comes back unchanged when none does (the caller then names the type).
+    """
     for sample, convert in ((True, string_to_bool), (1, int), (1.5, float), ([], lambda t: [t])):
         if fits_type(sample, hint):
             try:
@@ -228,8 +237,10 @@ def parse_overrides(flags: Sequence[str]) -> dict[str, str]:
 
 
 def code_keys(model: dict[str, Any]) -> list[str]:
-    """The keys of a recipe's ``model`` that would make loading it run code (:data:`CODE_KEYS`), each as
-    ``"key: value (what it does)"``; empty when loading runs only installed code."""
+    """The keys of a recipe's ``model`` that would make loading it run code (:data:`CODE_KEYS`).
+
+    Each is given as ``"key: value (what it does)"``; the list is empty when loading runs only installed code.
+    """
     found = []
     for key, value in model.items():
         if key == "weights_only":

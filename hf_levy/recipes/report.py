@@ -136,6 +136,7 @@ def _values(group: list[dict[str, Any]], key: str) -> list[Any]:
 
 
 def arm_table(summaries: list[dict[str, Any]]) -> list[str]:
+    """The per-arm table as markdown lines, mean ± std over seeds ("to target": the seeds that reached it)."""
     rows = [
         "| arm | trainer | batch | α | noise | reached target | steps to target | epochs to target | seconds to target | best metric | final metric | sketch share | capped | clipped |",
         "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -173,9 +174,12 @@ def capped_warning(summaries: list[dict[str, Any]]) -> list[str]:
 
 
 def alpha_study(summaries: list[dict[str, Any]], max_truncated: float = 0.05) -> list[str]:
-    """The α comparison at equal scale: per noise level (levy_scale), steps to target of each α with every
-    seed, and whether an α < 2 beats α = 2 beyond the seed spread (every seed of one arm faster than every
-    seed of the other; a seed that missed the target counts as slower than any that reached it)."""
+    """The α comparison at equal scale, as markdown lines: each α's steps to target per levy_scale.
+
+    Every seed is shown, and whether an α < 2 beats α = 2 beyond the seed spread (every seed of one arm
+    faster than every seed of the other; a seed that missed the target counts as slower than any that
+    reached it).
+    """
     levels: dict[float, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for s in summaries:
         if (
@@ -246,8 +250,11 @@ def alpha_study(summaries: list[dict[str, Any]], max_truncated: float = 0.05) ->
 
 
 def calibrated_arms(summaries: list[dict[str, Any]]) -> list[str]:
-    """Calibrated arms (levy_virtual_batch_size) next to the stock arms: steps to target per seed, the
-    injected noise relative to the gradient, and the share of the batch-b noise variance in the K directions."""
+    """Calibrated arms (levy_virtual_batch_size) next to the stock arms, as markdown lines.
+
+    Per arm: steps to target per seed, the injected noise relative to the gradient, and the share of the
+    batch-b noise variance in the K directions.
+    """
     groups = by_arm(summaries)
     calibrated = [a for a, g in groups.items() if g[0].get("levy_virtual_batch_size") is not None]
     if not calibrated:
@@ -297,6 +304,7 @@ def _code(flags: str) -> str:
 
 
 def seed_table(summaries: list[dict[str, Any]]) -> list[str]:
+    """One markdown row per arm and seed with that run's summary numbers ("—" where one is missing)."""
     keys = [
         "arm", "seed", "steps", "final_metric", "best_metric", "final_train_loss", "steps_to_target",
         "epochs_to_target", "seconds_to_target", "train_runtime", "samples_per_second", "sketch_share",

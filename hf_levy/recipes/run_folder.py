@@ -56,6 +56,7 @@ class Ranks:
         )
 
     def barrier(self) -> None:
+        """Wait until every rank of the launch gets here (nothing to wait for in a single process)."""
         if self.distributed:
             torch.distributed.barrier()
 

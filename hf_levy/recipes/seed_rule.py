@@ -113,8 +113,11 @@ def relation(arm: list[Summary], baseline: list[Summary]) -> Relation:
 
 
 def relation_sentence(who: str, baseline: str, rel: Relation) -> str:
-    """One sentence for :func:`relation`: "needed X× fewer steps" only when every seed agrees, with the
-    per-seed ratios (steps of the baseline over steps of the arm) whenever there are several seeds."""
+    """One sentence for :func:`relation`: "needed X× fewer steps" only when every seed agrees.
+
+    The per-seed ratios (steps of the baseline over steps of the arm) are given whenever there are several
+    seeds.
+    """
     per_seed = ", ".join(f"{r} (seed {seed})" for r, seed in zip(rel.ratios, rel.seeds, strict=True))
     ratios = f"{baseline}'s steps over {who}'s, per seed: {per_seed}"
     if rel.kind in ("fewer", "more"):

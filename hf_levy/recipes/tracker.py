@@ -37,12 +37,15 @@ class TargetTracker(TrainerCallback):
         self.reached: dict[str, float] | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        """Start this session's clock (a resumed arm adds the seconds of the sessions before it)."""
         self.start = time.perf_counter()
 
     def training_seconds(self) -> float:
+        """Training seconds so far: the earlier sessions' plus this one's wall-clock, less its evaluations."""
         return self.seconds_before + time.perf_counter() - self.start - self.eval_seconds
 
     def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: training and wall-clock seconds so far, the timeline, the target hit."""
         return {
             "training_seconds": self.training_seconds(),
             "wall_seconds": self.wall_before + time.perf_counter() - self.start,
@@ -51,18 +54,25 @@ class TargetTracker(TrainerCallback):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from a checkpoint's :meth:`state_dict`: its seconds become the earlier sessions'."""
         self.seconds_before, self.wall_before = state["training_seconds"], state["wall_seconds"]
         self.timeline, self.reached = state["timeline"], state["reached"]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """Append (step, training seconds) to the timeline."""
         self.timeline.append({"step": state.global_step, "seconds": self.training_seconds()})
 
     def on_save(self, args, state, control, **kwargs):
+        """Write :meth:`state_dict` into the checkpoint the Trainer just saved (main process only)."""
         if state.is_world_process_zero:
             folder = pathlib.Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             write_json(folder / TRACKER, self.state_dict())
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        """Take the evaluation's runtime out of training; record the first evaluation reaching the target.
+
+        Reaching it stops training when the target says ``stop``.
+        """
         runtimes = [v for k, v in (metrics or {}).items() if k.endswith("_runtime") and isinstance(v, float)]
         self.eval_seconds += sum(runtimes)
         value = (metrics or {}).get(self.target.metric)
