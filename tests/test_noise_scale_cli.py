@@ -63,3 +63,26 @@ def test_a_small_batch_not_below_the_big_one_is_an_error_naming_the_flags(capsys
     ]
     assert main(argv) == 2
     assert "--small_batch_size 64 and --big_batch_size 64" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_ranks_share_the_batches_and_the_main_process_prints_once(capsys):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    flags = ["--small_batch_size", "16", "--big_batch_size", "64", "--num_draws", "4", "--seed", "1"]
+    args = ["noise-scale", "--config", "modular_addition", "--arm", "stock_full_batch", *flags]
+    assert main(args) == 0
+    alone = printed_b_simple(capsys.readouterr().out)
+    root = pathlib.Path(__file__).parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "hf_levy.recipes.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("B_simple = ") == 1, result.stdout
+    # With the group started each rank takes its share of every batch (gradient_noise_scale's split, checked
+    # against one process in test_noise_scale); the estimate is one process's to rounding.
+    assert printed_b_simple(result.stdout) == pytest.approx(alone, rel=1e-3)

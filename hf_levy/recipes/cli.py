@@ -230,19 +230,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"table: {table}\nplot: {plot}")
             return 0
         if args.command == "noise-scale":
-            from hf_levy.recipes.noise_scale import noise_scale_report
+            from hf_levy.recipes.noise_scale import launched_process_group, noise_scale_report
 
-            text, _ = noise_scale_report(
-                recipe,
-                args.arm,
-                checkpoint=args.checkpoint,
-                small_batch_size=args.small_batch_size,
-                big_batch_size=args.big_batch_size,
-                num_draws=args.num_draws,
-                seed=args.seed,
-                trust_remote_code=args.trust_remote_code,
-            )
-            print(text)
+            with launched_process_group() as rank:
+                text, _ = noise_scale_report(
+                    recipe,
+                    args.arm,
+                    checkpoint=args.checkpoint,
+                    small_batch_size=args.small_batch_size,
+                    big_batch_size=args.big_batch_size,
+                    num_draws=args.num_draws,
+                    seed=args.seed,
+                    trust_remote_code=args.trust_remote_code,
+                )
+            if rank == 0:
+                print(text)
             return 0
         overrides = parse_overrides(extra)
         run_dir = pathlib.Path(args.output_dir or pathlib.Path("runs") / recipe.name)

@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 from hf_levy.recipes.recipe import Recipe, RecipeError, arm_config
 from hf_levy.recipes.runner import build_recipe_model, build_task
 
 DEFAULT_DRAWS = 100  # pairs of batches: the interval covers at about 93% of its nominal 95% there
+
+
+@contextlib.contextmanager
+def launched_process_group() -> Iterator[int]:
+    """Under a launcher (``WORLD_SIZE`` > 1, e.g. torchrun) a gloo process group for the measurement; yields the rank.
+
+    :func:`hf_levy.gradient_noise_scale` then splits every batch across the ranks and all of them return the
+    same estimate. A group already started is used as it is; one started here is ended on exit.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield dist.get_rank()
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+        try:
+            yield dist.get_rank()
+        finally:
+            dist.destroy_process_group()
+    else:
+        yield 0
 
 
 def default_arm(recipe: Recipe) -> str:
