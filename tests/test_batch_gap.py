@@ -50,9 +50,9 @@ def test_each_arm_gets_its_steps_gap_closed_noise_ratio_cost_and_verdict_per_see
     # 480/800 = 0.60 and 600/900 = 0.67; ratios 0.5 and the median 0.7 of 0.6, 0.7, 0.8; 0.11 and 0.1 s a step
     assert rows["hessian"] == ["520, 600 (560)", "0.60, 0.67 (0.63)", "0.50, 0.70 (0.60)", "1.10, 1.00 (1.05)",
                                "reached 2/2; fewer steps on every seed"]  # fmt: skip
-    # Seed 1 never reached the target in 1500 steps: the gap it closed is at most (1200 − 1500)/900 = −0.33, and
-    # it was slower than the full batch on that seed, faster on seed 0.
-    assert rows["minibatch"] == ["600, >1500 (>1500)", "0.50, <-0.33 (<-0.33)", "1.20, 0.90 (1.05)",
+    # Seed 1 never reached the target in 1500 steps: the gap it closed is at most (1200 − 1500)/900 = −0.33, so
+    # the median is at most (0.50 − 0.33)/2 = 0.083; it was slower than the full batch on that seed, faster on 0.
+    assert rows["minibatch"] == ["600, >1500 (>1500)", "0.50, <-0.33 (<0.08)", "1.20, 0.90 (1.05)",
                                  "2.00, 1.50 (1.75)", "reached 1/2; no every-seed difference"]  # fmt: skip
 
 
@@ -63,3 +63,32 @@ def test_without_a_learning_rate_grid_the_gap_column_is_left_out(tmp_path):
     assert "gap closed" not in lines[4] and lines[4].startswith("| arm | steps to target | ‖ξ‖/‖g‖ |")
     write_arm(tmp_path / "other", "hessian", "levy", [(500, 500, 50.0, [])])
     assert batch_gap_section(load_runs(tmp_path / "other")) == []  # no stock_full_batch arm: no table
+
+
+def test_a_full_batch_that_missed_the_target_gives_lower_bounds(tmp_path):
+    # The full batch ran 3000 steps without reaching the target; the small batch (S_b) took 300 and 400.
+    write_arm(tmp_path, "stock_full_batch", "stock", [(None, 3000, 300.0, []), (None, 3000, 300.0, [])])
+    write_arm(tmp_path, "small_lr_x1", "stock", [(300, 300, 30.0, []), (400, 400, 40.0, [])])
+    write_arm(tmp_path, "small_lr_x2", "stock", [(500, 500, 50.0, []), (600, 600, 60.0, [])])
+    write_arm(tmp_path, "slower", "levy", [(1650, 1650, 165.0, []), (1700, 1700, 170.0, [])])
+    write_arm(tmp_path, "faster", "levy", [(250, 250, 25.0, []), (400, 400, 40.0, [])])
+    write_arm(tmp_path, "missed", "levy", [(None, 3000, 300.0, []), (500, 500, 50.0, [])])
+    lines = batch_gap_section(load_runs(tmp_path))
+    rows = {r[0].strip(): [c.strip() for c in r[1:]] for r in
+            (line.strip("|").split(" | ") for line in lines if line.startswith("| "))}  # fmt: skip
+    # (3000 − 1650)/(3000 − 300) = 0.50 and (3000 − 1700)/(3000 − 400) = 0.50: a true S_full > 3000 only raises them
+    assert rows["slower"][1] == ">0.50, >0.50 (>0.50)"
+    # faster than the small batch: above 1 whatever S_full is; equal to it: exactly 1
+    assert rows["faster"][1] == ">1.00, 1.00 (>1.00)"
+    # both the arm and the full batch missed on seed 0: not defined; seed 1: (3000 − 500)/(3000 − 400) = 0.96
+    assert rows["missed"][1] == "—, >0.96 (>0.96)"
+    assert rows["stock_full_batch"][1] == "—, — (—)"
+
+
+def test_upper_and_lower_bounds_together_bound_no_median():
+    from hf_levy.recipes.batch_gap import median_gap_text
+
+    assert median_gap_text([(0.2, "<0.20"), (0.9, ">0.90")]) == "—"
+    # an exact middle value among upper bounds is itself only an upper bound on the median
+    assert median_gap_text([(0.1, "<0.10"), (0.5, "0.50"), (0.6, "<0.60")]) == "<0.50"
+    assert median_gap_text([(0.4, "0.40"), (0.6, "0.60")]) == "0.50"

@@ -9,7 +9,8 @@ median steps to target), both of the same seed; the median ‖ξ‖/‖g‖ over
 (``levy/noise_to_grad_ratio`` in the log history); training seconds per step relative to the stock full batch
 (from ``timeline.json``: evaluations excluded); and a verdict against the full batch by the every-seed rule.
 A seed that missed the target counts as not reached: ``>N`` steps (N the steps it ran), and the gap it closed
-is at most (S_full − N) / (S_full − S_b), shown as ``<x``.
+is at most (S_full − N) / (S_full − S_b), shown as ``<x``; where the full batch missed, the gap is at least
+what its steps run give, shown as ``>x``.
 """
 
 from __future__ import annotations
@@ -52,35 +53,46 @@ def median_ratio(run: dict[str, Any]) -> float | None:
 def gap_closed(arm: dict[str, Any], full: dict[str, Any], small: dict[str, Any]) -> tuple[float, str] | None:
     """(value, text) of the gap this seed closed: (S_full − S_arm) / (S_full − S_b), steps to target.
 
-    When the arm missed the target its steps run stand for S_arm and the value is an upper bound (text
-    ``<x``). None when the gap is not defined: either end missed, or no gap on this seed (S_full ≤ S_b).
+    A run that missed the target stands in with the steps it ran, which makes the value a bound: an upper
+    bound (text ``<x``) when the arm missed, a lower bound (``>x``) when the full batch missed (the value
+    grows with S_full for an arm slower than the small batch; for a faster one it exceeds 1 whatever S_full
+    is, so ``>1.00``). None when the gap is not defined: the small batch missed, both the arm and the full
+    batch missed, or no gap on this seed (S_full ≤ S_b).
     """
     s_full, s_small = steps_to_target(full), steps_to_target(small)
-    if math.isinf(s_full) or math.isinf(s_small) or s_full <= s_small:
+    s_arm = arm.get("steps_to_target")
+    if math.isinf(s_small):
         return None
-    if arm.get("steps_to_target") is None:
+    if math.isinf(s_full):
+        if s_arm is None or full["steps"] <= s_small:
+            return None
+        if s_arm <= s_small:
+            return 1.0, "1.00" if s_arm == s_small else ">1.00"
+        bound = (full["steps"] - s_arm) / (full["steps"] - s_small)
+        return bound, f">{bound:.2f}"
+    if s_full <= s_small:
+        return None
+    if s_arm is None:
         bound = (s_full - arm["steps"]) / (s_full - s_small)
         return bound, f"<{bound:.2f}"
-    value = (s_full - arm["steps_to_target"]) / (s_full - s_small)
+    value = (s_full - s_arm) / (s_full - s_small)
     return value, f"{value:.2f}"
 
 
 def median_gap_text(cells: list[tuple[float, str]]) -> str:
     """The median of the per-seed gaps ``cells`` (as :func:`gap_closed` gives them), as text; "—" for none.
 
-    With an even count it is the mean of the middle two when both are exact, else the one of them that is an
-    upper bound (the lower if both are), so that an upper bound stays one.
+    Where some cells are bounds of one kind, the median of the numbers is a bound of that kind on the
+    median (the order statistics of the true values lie on the same side of theirs); upper and lower
+    bounds together bound nothing ("—").
     """
-    if not cells:
+    kinds = {text[0] for _, text in cells if text[0] in "<>"}
+    if not cells or len(kinds) > 1:
         return "—"
-    ordered = sorted(cells, key=lambda c: c[0])
-    middle = len(ordered) // 2
-    if len(ordered) % 2:
-        return ordered[middle][1]
-    low, high = ordered[middle - 1], ordered[middle]
-    if low[1].startswith("<") or high[1].startswith("<"):
-        return low[1] if low[1].startswith("<") else high[1]
-    return f"{(low[0] + high[0]) / 2:.2f}"
+    values = sorted(value for value, _ in cells)
+    middle = len(values) // 2
+    median = values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+    return f"{kinds.pop() if kinds else ''}{median:.2f}"
 
 
 def _cell(per_seed: list[str], median: str) -> str:
@@ -115,7 +127,8 @@ def batch_gap_section(runs: list[dict[str, Any]]) -> list[str]:
         + (
             f"S_b: {target}, the small-batch grid point with the lowest median steps to target; gap closed = "
             "(S_full − S_arm) / (S_full − S_b) on the same seed, `<x` where the arm missed the target (an upper "
-            "bound), — where the gap is not defined on that seed. "
+            "bound), `>x` where the full batch missed it (a lower bound), — where the gap is not defined on that "
+            "seed; a median over bounds is a bound. "
             if target
             else "no learning-rate grid of stock arms (`<prefix>_lr_x<factor>`), so no gap column. "
         )
