@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from hf_levy.recipes.noise_scale_report import noise_scale_section
+from hf_levy.recipes.noise_scale_report import noise_scale_section, noise_scale_verdict
 from hf_levy.recipes.plots import make_plots
 from hf_levy.recipes.report import load_runs
 
@@ -51,12 +51,17 @@ def test_medians_last_values_and_batch_over_the_recipes_b_simple(tmp_path):
     table = rows(lines)
     assert table["full"] == ["1,000", "2.00", "seed 0: 225 (250); seed 1: 500 (600); seed 2: 1,000 (1,000)"]
     assert table["small"] == ["128", "0.26", "—"]
+    assert noise_scale_verdict(load_runs(tmp_path)) == (
+        "The gradient noise scale B_simple measured over training is 500 examples (median); each batch against "
+        "it: batch 1,000: 2x, batch 128: 0.26x."
+    )
 
 
 def test_no_section_and_no_plot_without_a_logged_noise_scale(tmp_path):
     write_run(tmp_path, "full", 0, 1000, [])
     runs = load_runs(tmp_path)
     assert noise_scale_section(runs) == []
+    assert noise_scale_verdict(runs) == ""
     names = [p.name for p in make_plots(runs, "eval_accuracy", tmp_path / "plots")]
     assert "gradient_noise_scale.png" not in names
 

@@ -20,6 +20,25 @@ def logged_noise_scale(run: dict[str, Any]) -> list[float]:
     return [h[NOISE_SCALE] for h in run["history"] if NOISE_SCALE in h]
 
 
+def recipe_noise_scale(runs: list[dict[str, Any]]) -> float | None:
+    """The recipe's B_simple: the median over the runs that logged it of each run's median; None if none did."""
+    medians = [statistics.median(v) for r in runs if (v := logged_noise_scale(r))]
+    return statistics.median(medians) if medians else None
+
+
+def noise_scale_verdict(runs: list[dict[str, Any]]) -> str:
+    """The verdict's sentence on the batches against B_simple; empty when no run logged it."""
+    reference = recipe_noise_scale(runs)
+    if reference is None:
+        return ""
+    batches = sorted({s["global_batch_size"] for r in runs if (s := r["summary"]).get("global_batch_size")})
+    ratios = ", ".join(f"batch {b:,}: {b / reference:.2g}x" for b in reversed(batches))
+    return (
+        f"The gradient noise scale B_simple measured over training is {reference:,.0f} examples (median); "
+        f"each batch against it: {ratios}."
+    )
+
+
 def noise_scale_section(runs: list[dict[str, Any]]) -> list[str]:
     """The markdown section; empty when no run logged ``levy/gradient_noise_scale``."""
     medians = {
@@ -27,9 +46,9 @@ def noise_scale_section(runs: list[dict[str, Any]]) -> list[str]:
         for r in runs
         if (v := logged_noise_scale(r))
     }
-    if not medians:
+    reference = recipe_noise_scale(runs)
+    if reference is None:
         return []
-    reference = statistics.median(m for m, _ in medians.values())
     lines = [
         "## Gradient noise scale",
         "",

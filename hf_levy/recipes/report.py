@@ -16,7 +16,7 @@ from typing import Any
 
 from hf_levy.recipes.arm_files import read_json, write_text
 from hf_levy.recipes.batch_gap import batch_gap_section
-from hf_levy.recipes.noise_scale_report import noise_scale_section
+from hf_levy.recipes.noise_scale_report import noise_scale_section, noise_scale_verdict
 from hf_levy.recipes.plots import make_plots
 from hf_levy.recipes.recipe import load_recipe
 from hf_levy.recipes.seed_rule import (
@@ -85,7 +85,16 @@ def build_report(run_dir: str | pathlib.Path) -> pathlib.Path:
         "",
         "## Verdict",
         "",
-        verdict(summaries, recipe.target.metric, recipe.target.value, recipe.target.greater_is_better),
+        " ".join(
+            part
+            for part in (
+                verdict(
+                    summaries, recipe.target.metric, recipe.target.value, recipe.target.greater_is_better
+                ),
+                noise_scale_verdict(runs),
+            )
+            if part
+        ),
         "",
         "## Per arm (mean ± standard deviation over seeds)",
         "",
