@@ -98,8 +98,9 @@ def test_noisy_digits_flips_exactly_the_requested_share_and_keeps_the_test_set_c
     assert changed.sum() == 50  # every flip lands on another class
     assert set(noisy.train_dataset["labels"]) <= set(range(10))
     assert noisy.eval_dataset["labels"] == clean.eval_dataset["labels"]
-    assert noisy_digits(num_train=200, noise_fraction=0.0, seed=3).train_dataset["labels"] == (
-        clean.train_dataset["labels"]
+    assert (
+        noisy_digits(num_train=200, noise_fraction=0.0, seed=3).train_dataset["labels"]
+        == (clean.train_dataset["labels"])
     )
 
 
