@@ -70,3 +70,12 @@ def test_the_plot_is_drawn_when_a_run_logged_it(tmp_path):
     write_run(tmp_path, "full", 0, 1000, [100.0, 300.0])
     names = [p.name for p in make_plots(load_runs(tmp_path), "eval_accuracy", tmp_path / "plots")]
     assert "gradient_noise_scale.png" in names
+
+
+def test_a_noise_scale_not_resolved_sets_no_batch_against_it(tmp_path):
+    write_run(tmp_path, "full", 0, 1000, [-5.0, 0.0, -1.0])  # median -1: tr(Σ) averaged below zero
+    runs = load_runs(tmp_path)
+    assert "not resolved" in noise_scale_verdict(runs) and "batch 1,000" not in noise_scale_verdict(runs)
+    assert any("not resolved" in line for line in noise_scale_section(runs))
+    write_run(tmp_path / "zero", "full", 0, 1000, [0.0])
+    assert "not resolved" in noise_scale_verdict(load_runs(tmp_path / "zero"))  # no division by zero

@@ -13,6 +13,12 @@ import statistics
 from typing import Any
 
 NOISE_SCALE = "levy/gradient_noise_scale"
+# A median B_simple <= 0 means the averaged tr(Σ) estimate was <= 0: the noise was below what the two batch
+# sizes resolve, and no batch can be set against it.
+NOT_RESOLVED = (
+    "The gradient noise scale B_simple measured over training is {:,.0f} examples (median): the gradient noise "
+    "was not resolved at the batch sizes measured, so no batch is set against it."
+)
 
 
 def logged_noise_scale(run: dict[str, Any]) -> list[float]:
@@ -31,6 +37,8 @@ def noise_scale_verdict(runs: list[dict[str, Any]]) -> str:
     reference = recipe_noise_scale(runs)
     if reference is None:
         return ""
+    if reference <= 0:
+        return NOT_RESOLVED.format(reference)
     batches = sorted({s["global_batch_size"] for r in runs if (s := r["summary"]).get("global_batch_size")})
     ratios = ", ".join(f"batch {b:,}: {b / reference:.2g}x" for b in reversed(batches))
     return (
@@ -49,6 +57,8 @@ def noise_scale_section(runs: list[dict[str, Any]]) -> list[str]:
     reference = recipe_noise_scale(runs)
     if reference is None:
         return []
+    if reference <= 0:
+        return ["## Gradient noise scale", "", NOT_RESOLVED.format(reference), ""]
     lines = [
         "## Gradient noise scale",
         "",
