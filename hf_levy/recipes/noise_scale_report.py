@@ -26,15 +26,23 @@ def logged_noise_scale(run: dict[str, Any]) -> list[float]:
     return [h[NOISE_SCALE] for h in run["history"] if NOISE_SCALE in h]
 
 
-def recipe_noise_scale(runs: list[dict[str, Any]]) -> float | None:
-    """The recipe's B_simple: the median over the runs that logged it of each run's median; None if none did."""
-    medians = [statistics.median(v) for r in runs if (v := logged_noise_scale(r))]
-    return statistics.median(medians) if medians else None
+def run_noise_scales(runs: list[dict[str, Any]]) -> dict[tuple[str, int], tuple[float, float]]:
+    """(arm, seed) -> (median, last) of the B_simple each run logged, for the runs that logged it."""
+    return {
+        (r["summary"]["arm"], r["summary"]["seed"]): (statistics.median(v), v[-1])
+        for r in runs
+        if (v := logged_noise_scale(r))
+    }
+
+
+def recipe_noise_scale(scales: dict[tuple[str, int], tuple[float, float]]) -> float | None:
+    """The recipe's B_simple: the median of the runs' medians (``scales`` from :func:`run_noise_scales`)."""
+    return statistics.median(median for median, _ in scales.values()) if scales else None
 
 
 def noise_scale_verdict(runs: list[dict[str, Any]]) -> str:
     """The verdict's sentence on the batches against B_simple; empty when no run logged it."""
-    reference = recipe_noise_scale(runs)
+    reference = recipe_noise_scale(run_noise_scales(runs))
     if reference is None:
         return ""
     if reference <= 0:
@@ -49,12 +57,8 @@ def noise_scale_verdict(runs: list[dict[str, Any]]) -> str:
 
 def noise_scale_section(runs: list[dict[str, Any]]) -> list[str]:
     """The markdown section; empty when no run logged ``levy/gradient_noise_scale``."""
-    medians = {
-        (r["summary"]["arm"], r["summary"]["seed"]): (statistics.median(v), v[-1])
-        for r in runs
-        if (v := logged_noise_scale(r))
-    }
-    reference = recipe_noise_scale(runs)
+    medians = run_noise_scales(runs)
+    reference = recipe_noise_scale(medians)
     if reference is None:
         return []
     if reference <= 0:

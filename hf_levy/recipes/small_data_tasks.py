@@ -32,6 +32,11 @@ def _count(name: str, value: object, minimum: int, example: str) -> int:
     return value
 
 
+def _at_most(name: str, value: int, bound_name: str, bound: int, example: str) -> None:
+    if value > bound:
+        raise ValueError(f"{name} must be at most {bound_name}={bound}, got {value!r}: e.g. {example}")
+
+
 def _features(x: torch.Tensor, labels: torch.Tensor) -> Dataset:
     return Dataset.from_dict({"pixel_values": x.tolist(), "labels": labels.tolist()})
 
@@ -54,10 +59,7 @@ def sparse_parity(
     """
     _count("num_bits", num_bits, 2, "num_bits=30")
     _count("parity_bits", parity_bits, 1, "parity_bits=3")
-    if parity_bits > num_bits:
-        raise ValueError(
-            f"parity_bits must be at most num_bits={num_bits}, got {parity_bits!r}: e.g. parity_bits=3"
-        )
+    _at_most("parity_bits", parity_bits, "num_bits", num_bits, "parity_bits=3")
     _count("num_train", num_train, 1, "num_train=1000")
     _count("num_test", num_test, 1, "num_test=2000")
     g = torch.Generator().manual_seed(seed)
@@ -117,10 +119,7 @@ def sparse_regression(
     """
     _count("num_features", num_features, 1, "num_features=100")
     _count("num_nonzero", num_nonzero, 1, "num_nonzero=5")
-    if num_nonzero > num_features:
-        raise ValueError(
-            f"num_nonzero must be at most num_features={num_features}, got {num_nonzero!r}: e.g. num_nonzero=5"
-        )
+    _at_most("num_nonzero", num_nonzero, "num_features", num_features, "num_nonzero=5")
     _count("num_train", num_train, 1, "num_train=40")
     _count("num_test", num_test, 1, "num_test=1000")
     if not noise_std >= 0:
