@@ -9,8 +9,10 @@ Where it acts in the loop (transformers 5.x ``Trainer._run_epoch``):
   reduce-scatter, fp16 unscaling and ``max_grad_norm`` clipping, right before ``optimizer.step()``, and
   never on a step the loop skips): add ξ to ``.grad``. Under DeepSpeed the step has already run by then:
   ξ enters through :func:`hf_levy._zero_space.install_before_step` instead.
-* ``on_log``: merge the ``curvature/`` and ``levy/`` metrics into the training log entry (in a
-  :class:`hf_levy.LevyTrainer`, or a trainer it was attached to, the trainer's ``log`` does it first).
+* ``on_log``: merge the ``levy/`` metrics into the training log entry (in a :class:`hf_levy.LevyTrainer`,
+  or a trainer it was attached to, the trainer's ``log`` does it first, and each refresh's ``curvature/``
+  metrics are logged at ``on_step_begin`` as an entry of their own; without a trainer they join the next
+  training log).
   A callback passed in ``callbacks=[...]`` moves itself to the head of the callback list (at
   ``on_init_end`` and ``on_train_begin``), so the reporting callbacks of ``report_to``, which come before a
   user's, see them.
@@ -32,6 +34,7 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
@@ -78,6 +81,7 @@ class LevyCallback(TrainerCallback):
         self.run: LevyRun | None = None  # this training run's state, fresh at every on_train_begin
         self.noise_draws = 0  # optimizer steps that received noise, over all runs
         self._attached = False
+        self._log_sketch: Callable[[dict[str, float]], None] | None = None  # an attached trainer's entry
         self._resumed_from: str | None = None  # the checkpoint attach saw the Trainer resume from
         self._pending_state: tuple[str, dict[str, Tensor]] | None = None  # its file and state, until begin
         self._saved_step: int | None = None  # the step whose checkpoint attach already wrote the file into
@@ -276,6 +280,11 @@ class LevyCallback(TrainerCallback):
             run.sketch_metrics["curvature/sketch_period"] = float(step - previous)
         # The whole refresh (batch, products, Lanczos, broadcast, calibration): the terms of the total.
         run.sketch_metrics["curvature/sketch_seconds"] = run.schedule.refresh_seconds
+        if self._log_sketch is not None and args.logging_strategy != "no":
+            # An entry of its own at this step, so report_to loggers plot the sketch where it was computed
+            # (the callbacks=[...] form has no trainer to log through: the next training log carries it).
+            metrics, run.sketch_metrics = run.sketch_metrics, {}
+            self._log_sketch(metrics)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         """Add this step's noise to the gradient (and measure the gradient noise scale when due)."""

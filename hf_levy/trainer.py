@@ -5,8 +5,9 @@ overrides the methods where they happen and hands each to its callback: the chec
 file goes into the folder before the Trainer's own files, so a Hub push of it includes the sketch), the
 checkpoint load (the exact folder a run resumes from), the gradient clipping (the norm before
 ``max_grad_norm``, which the calibration needs), the drawing of an optimizer step's micro-batches (the
-sub-batch of the 'minibatch' noise bases) and ``log`` (the ``curvature/`` and ``levy/`` metrics join the
-entry before any callback, such as the ``report_to`` loggers, receives it).
+sub-batch of the 'minibatch' noise bases) and ``log`` (the ``levy/`` metrics join the training entry before
+any callback, such as the ``report_to`` loggers, receives it). Each sketch refresh is logged as an entry of its
+own at the step it was computed at, so TensorBoard and the other loggers plot it there.
 
 :meth:`hf_levy.LevyCallback.attach` gives another Trainer class (e.g. TRL's SFTTrainer) the same overrides,
 by making the instance one of a subclass of its class with :class:`LevyTrainerMixin` in front.
@@ -52,6 +53,15 @@ class LevyTrainerMixin:
         callbacks.insert(0, callback)
         self.levy_callback = callback
         callback._attached = True
+        callback._log_sketch = self._log_levy_sketch
+
+    def _log_levy_sketch(self, metrics: dict[str, float]) -> None:
+        """Log a refresh's metrics as their own entry, at the step the sketch was computed at.
+
+        ``Trainer.log`` itself, not this class's ``log``: a subclass's override may fold its own averaged
+        training metrics into whatever entry it logs (TRL's does), and this entry is the sketch's alone.
+        """
+        Trainer.log(self, metrics)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         step = self.state.global_step

@@ -59,10 +59,14 @@ def test_sft_trainer_with_the_callback_gets_noise_and_logs_curvature(tmp_path):
     ).attach(trainer)
     trainer.train()
     assert callback.noise_draws == 3
+    sketch = next(h for h in trainer.state.log_history if "curvature/eigenvalue_0" in h)
     first = next(h for h in trainer.state.log_history if "loss" in h)
-    assert (
-        math.isfinite(first["curvature/eigenvalue_0"]) and 0 < first["levy/noise_to_grad_ratio"] <= 1 + 1e-9
+    assert sketch["step"] == sketch["curvature/sketch_step"] == 0 and math.isfinite(
+        sketch["curvature/eigenvalue_0"]
     )
+    assert 0 < first["levy/noise_to_grad_ratio"] <= 1 + 1e-9
+    # The sketch's entry skips SFTTrainer.log, which would move its averaged training metrics into it.
+    assert "mean_token_accuracy" not in sketch and "mean_token_accuracy" in first
     moved = [
         not torch.equal(p.detach(), q.detach())
         for p, q in zip(trainer.model.parameters(), plain.model.parameters(), strict=True)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_callback_wiring import Recorder
+from test_callback_wiring import Recorder, plain_trainer
 from trainer_utils import COMMON, OVERRIDDEN, SKETCH, flat_params, model, run_levy, run_stock, token_dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
@@ -30,7 +30,7 @@ def test_scale_zero_is_bitwise_the_stock_trainer_with_the_sketch_running(tmp_pat
         h["loss"] for h in levy.state.log_history if "loss" in h
     ]
     sketched = [h for h in levy.state.log_history if "curvature/eigenvalue_0" in h]
-    assert [h["step"] for h in sketched] == [2, 4], "the sketch ran at steps 0 and 3 (logged at 2 and 4)"
+    assert [h["step"] for h in sketched] == [0, 3], "the sketch ran at steps 0 and 3, each logged at its step"
 
 
 def test_same_seed_twice_is_bitwise_equal(tmp_path):
@@ -48,18 +48,19 @@ def test_noise_moves_every_trainable_parameter_and_logs_metrics(tmp_path):
     ):
         assert not torch.equal(p.detach(), p0), f"{name} did not move"
         assert not torch.equal(p.detach(), q.detach()), f"{name} is the same as without noise"
+    sketch = next(h for h in levy.state.log_history if "curvature/sketch_step" in h)
     first = next(h for h in levy.state.log_history if "loss" in h)
-    for key in (
-        "curvature/eigenvalue_0",
-        "curvature/eigenvalue_1",
-        "curvature/lanczos_residual",
-        "curvature/hvp_count",
-        "curvature/sketch_seconds",
-        "levy/noise_norm",
-        "levy/noise_to_grad_ratio",
+    for entry, key in (
+        (sketch, "curvature/eigenvalue_0"),
+        (sketch, "curvature/eigenvalue_1"),
+        (sketch, "curvature/lanczos_residual"),
+        (sketch, "curvature/hvp_count"),
+        (sketch, "curvature/sketch_seconds"),
+        (first, "levy/noise_norm"),
+        (first, "levy/noise_to_grad_ratio"),
     ):
-        assert key in first and math.isfinite(first[key]), key
-    assert first["curvature/eigenvalue_0"] >= first["curvature/eigenvalue_1"]
+        assert key in entry and math.isfinite(entry[key]), key
+    assert sketch["curvature/eigenvalue_0"] >= sketch["curvature/eigenvalue_1"]
     assert 0 < first["levy/noise_to_grad_ratio"] <= 1.0 + 1e-9  # the default cap is ‖ξ‖ <= ‖g‖
 
 
@@ -162,7 +163,7 @@ def test_lora_frozen_parameters_get_neither_curvature_nor_noise(tmp_path):
 def test_sdpa_model_works_through_auto_with_finite_differences(tmp_path):
     trainer = run_levy(tmp_path, max_steps=3, levy_scale=0.5, model_kwargs={"attn": "sdpa"})
     assert trainer.levy_callback.hvp_method == "finite_difference"
-    first = next(h for h in trainer.state.log_history if "loss" in h)
+    first = next(h for h in trainer.state.log_history if "curvature/sketch_step" in h)
     assert math.isfinite(first["curvature/eigenvalue_0"]) and first["curvature/eigenvalue_0"] > 0
 
 
@@ -235,7 +236,7 @@ def test_calibration_fits_alpha_and_scales_logs_them_and_resumes_exactly(tmp_pat
     assert calibration.alpha_K.shape == (2,) and calibration.scale_K.shape == (2,)
     assert ((calibration.alpha_K >= 0.5) & (calibration.alpha_K <= 2.0)).all()
     assert (calibration.scale_K > 0).all()
-    first = next(h for h in full.state.log_history if "loss" in h)
+    first = next(h for h in full.state.log_history if "curvature/sketch_step" in h)  # the refresh's entry
     for key in ("levy/fitted_alpha_0", "levy/calibrated_scale_1", "curvature/calibration_gradients"):
         assert key in first, key
     assert 0 < first["levy/noise_variance_share"] < 1  # 2 of ~2,000 directions carry part of the noise
@@ -366,8 +367,9 @@ def test_calibrated_noise_shrinks_with_gradient_clipping(tmp_path):
     )
     free = run_levy(tmp_path, name="free", levy_max_noise_ratio=None, max_grad_norm=0.0, **settings)
     tight = run_levy(tmp_path, name="tight", levy_max_noise_ratio=None, max_grad_norm=0.05, **settings)
-    raw = free.state.log_history[0]["grad_norm"]
-    noise = lambda t: t.state.log_history[0]["levy/noise_norm"]  # noqa: E731
+    step_log = lambda t: next(h for h in t.state.log_history if "loss" in h)  # noqa: E731
+    raw = step_log(free)["grad_norm"]
+    noise = lambda t: step_log(t)["levy/noise_norm"]  # noqa: E731
     assert raw > 0.05
     assert noise(tight) == pytest.approx(noise(free) * 0.05 / raw, rel=1e-4)
 
@@ -466,7 +468,8 @@ def test_levy_trainer_puts_its_callback_ahead_of_the_users_reporting_callbacks(t
     recorder = Recorder()  # a reporting callback (TensorBoard, W&B) passed in callbacks=[...]
     trainer = run_levy(tmp_path, max_steps=2, levy_scale=0.5, callbacks=[recorder])
     assert trainer.callback_handler.callbacks[0] is trainer.levy_callback
-    assert {"curvature/eigenvalue_0", "levy/noise_norm"} <= set(recorder.logs[0])
+    assert "curvature/eigenvalue_0" in recorder.logs[0]  # the refresh at step 0, its own entry
+    assert "levy/noise_norm" in next(log for log in recorder.logs if "loss" in log)
 
 
 def test_levy_trainer_overrides_as_methods_and_patches_nothing_on_the_instance(tmp_path):
@@ -479,8 +482,9 @@ def test_levy_trainer_overrides_as_methods_and_patches_nothing_on_the_instance(t
 def test_with_levy_scale_zero_no_noise_is_drawn_or_logged(tmp_path):
     trainer = run_levy(tmp_path, max_steps=2, levy_scale=0.0)
     assert trainer.levy_callback.noise_draws == 0
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert "curvature/eigenvalue_0" in logs[0] and not any(k.startswith("levy/noise") for k in logs[0])
+    history = trainer.state.log_history
+    assert any("curvature/eigenvalue_0" in h for h in history)  # the sketch runs and is logged
+    assert not any(k.startswith("levy/noise") for h in history for k in h)
 
 
 def test_calibration_keeps_levy_alpha_when_told_not_to_fit_it(tmp_path):
@@ -596,11 +600,20 @@ def test_the_run_fractions_of_a_resumed_run_count_the_steps_before_the_checkpoin
     assert resumed.levy_callback.run.noise_total.steps == 6
 
 
-def test_a_refresh_after_the_last_training_log_appears_in_the_summary(tmp_path):
+def test_a_refresh_after_the_last_training_log_is_logged_or_in_the_summary(tmp_path):
     """Refreshes at steps 0, 3 and 6, logs at steps 2, 4 and 6: the refresh at the start of the seventh step
-    comes after the last log, and the end-of-training summary carries it with its sketch step."""
+    comes after the last training log. LevyTrainer logs it at its step; with callbacks=[...] (no trainer to
+    log through) the end-of-training summary carries it with its sketch step."""
     trainer = run_levy(tmp_path, max_steps=7, logging_steps=2, sketch_every_n_steps=3)
-    logged = [h["curvature/sketch_step"] for h in trainer.state.log_history if "curvature/sketch_step" in h]
+    logged = [
+        (h["step"], h["curvature/sketch_step"])
+        for h in trainer.state.log_history
+        if "curvature/sketch_step" in h
+    ]
+    assert logged == [(0, 0.0), (3, 3.0), (6, 6.0)]
+    listed, _ = plain_trainer(tmp_path / "listed", max_steps=7, logging_steps=2)
+    listed.train()
+    logged = [h["curvature/sketch_step"] for h in listed.state.log_history if "curvature/sketch_step" in h]
     assert logged == [0.0, 3.0, 6.0]
-    assert "train_runtime" in trainer.state.log_history[-1]
-    assert trainer.state.log_history[-1]["curvature/sketch_step"] == 6.0
+    assert "train_runtime" in listed.state.log_history[-1]
+    assert listed.state.log_history[-1]["curvature/sketch_step"] == 6.0
