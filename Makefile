@@ -33,11 +33,15 @@ $(DS_OP): $(STAMP)
 
 install: $(STAMP) $(DS_OP)  ## create .venv/ and install hf_levy editable with its dev and recipes extras (torch from the TORCH variable)
 
-test: $(STAMP) $(DS_OP)  ## install if needed, then run the test suite
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+# One pytest worker per core, each taking whole test files (a file's module fixtures, such as its torchrun
+# launches, then run once); one torch thread per process, since the multi-process tests start two ranks each.
+PYTEST_PARALLEL = -n auto --dist loadfile
+
+test: $(STAMP) $(DS_OP)  ## install if needed, then run the test suite (one worker per core)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
 
 test-fast: $(STAMP)  ## the inner loop: every test not marked slow (multi-process, end-to-end, subprocess imports)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_PARALLEL)
 
 package-check: $(STAMP)  ## build the sdist and wheel, install the wheel alone in a fresh venv, run a shipped recipe from it
 	.ci/package_check
