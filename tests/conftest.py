@@ -36,3 +36,13 @@ def tiny_llama(
 @pytest.fixture
 def llama_factory():
     return tiny_llama
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files holding slow tests (multi-process launches, end-to-end runs) first, each file's order kept.
+
+    ``make test`` hands whole files to one worker per core in collection order: starting the longest
+    first keeps one worker from being left with a long file at the end while the others idle.
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within a file stays
