@@ -17,10 +17,8 @@ from torch import Tensor, nn
 
 from hf_levy import _compat, _rng
 from hf_levy._rng import step_generator
-from hf_levy._zero_hvp import zero_matvec
-from hf_levy._zero_space import ZeroSpace
 from hf_levy.hvp import LossFn, make_hvp
-from hf_levy.params import ParameterSpace, rank_and_world, sum_over_ranks
+from hf_levy.params import ParameterSpace, ProductInputs, rank_and_world, sum_over_ranks
 
 
 def sketch_batch(dataset: Any, collate_fn: Callable, size: int, seed: int, step: int) -> dict[str, Any]:
@@ -47,24 +45,20 @@ def sketch_matvec(
     method: str,
     loss_fn: LossFn | None = None,
 ) -> Callable[[Tensor], Tensor]:
-    """v_P ↦ (H v)_P on the sketch batch as this rank sees it (see the module docstring)."""
-    if isinstance(space, ZeroSpace):
-        share = _batch_share(batch, space)
-        return zero_matvec(
-            model,
-            batch,
-            space,
-            method,
-            lambda: _rank_averaged(_product(model, batch, params, method, loss_fn), share, space),
-            share,
-            loss_fn,
-        )
-    hvp = _product(model, batch, params, method, loss_fn)
-    if space.sharded:
-        return lambda v_P: space.pad(hvp(space.unpad(v_P)))
-    if rank_and_world()[1] == 1:
-        return hvp
-    return _rank_averaged(hvp, _batch_share(batch, space), space)
+    """v_P ↦ (H v)_P on the sketch batch as this rank sees it.
+
+    The layout ``space`` decides how the ranks' products combine
+    (:meth:`hf_levy.params.ParameterSpace.sketch_matvec`).
+    """
+    inputs = ProductInputs(
+        local=lambda: _product(model, batch, params, method, loss_fn),
+        share=lambda: _batch_share(batch, space),
+        model=model,
+        batch=batch,
+        method=method,
+        loss_fn=loss_fn,
+    )
+    return space.sketch_matvec(inputs)
 
 
 def _product(
@@ -93,14 +87,6 @@ def _batch_share(batch: Mapping[str, Any], space: ParameterSpace) -> float:
     """This rank's fraction of the sketch batch (its examples over all ranks' examples)."""
     share = float(count_examples(batch))
     return share / float(sum_over_ranks(torch.tensor(share, dtype=torch.float64, device=space.device)))
-
-
-def _rank_averaged(hvp: Callable[[Tensor], Tensor], weight: float, space: ParameterSpace):
-    """The ranks' products on replicated parameters, each weighted by its share of the batch, summed.
-
-    One all-reduce per product.
-    """
-    return lambda v_P: sum_over_ranks(hvp(v_P.to(space.device)) * weight).to(v_P.device)
 
 
 @contextlib.contextmanager

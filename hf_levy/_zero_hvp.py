@@ -17,14 +17,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from hf_levy._zero_space import ZeroSpace
 from hf_levy.hvp import LossFn, _LossClosure, step_for, warn_if_low_precision
 from hf_levy.params import sum_over_ranks
+
+if TYPE_CHECKING:  # the space imports this module to build its products
+    from hf_levy._zero_space import ZeroSpace
 
 
 def zero_matvec(

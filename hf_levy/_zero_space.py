@@ -40,7 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from hf_levy import _compat
-from hf_levy.params import ParameterSpace, rank_and_world, sum_over_ranks
+from hf_levy._zero_hvp import zero_matvec
+from hf_levy.params import ParameterSpace, ProductInputs, rank_and_world, sum_over_ranks
 
 
 def zero_optimizer_of(optimizer: Any) -> Any:
@@ -118,6 +119,16 @@ class ZeroSpace(ParameterSpace):
     def weighs_rank_shares(self) -> bool:
         """True: the products weigh each rank's share of the sketch batch (:mod:`hf_levy._zero_hvp`)."""
         return True
+
+    def sketch_matvec(self, inputs: ProductInputs) -> Callable[[Tensor], Tensor]:
+        """v_piece ↦ (H v)_piece, both (dim,) on this rank (:func:`hf_levy._zero_hvp.zero_matvec`).
+
+        Stages 1 and 2: v gathered, the ranks' products on whole parameters weighted by their shares of the
+        batch and summed, this rank's piece kept; stage 3: central differences on the pieces.
+        """
+        share = inputs.share()
+        whole = lambda: self.rank_averaged(inputs.local(), share)  # noqa: E731
+        return zero_matvec(inputs.model, inputs.batch, self, inputs.method, whole, share, inputs.loss_fn)
 
     @property
     def device(self) -> torch.device:

@@ -13,7 +13,8 @@ Legend for shape suffixes: P parameters (flat length, or this rank's padded piec
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,6 +88,23 @@ def sum_over_ranks(t: Tensor) -> Tensor:
     return t
 
 
+@dataclass(frozen=True)
+class ProductInputs:
+    """What a layout builds the sketch's product v_P ↦ (H v)_P from.
+
+    ``local()`` builds this rank's v ↦ H v on its share of the sketch batch, over the parameters it holds
+    (whole, or its FSDP piece); ``share()`` is that share (its examples over all ranks' examples). The rest
+    serves layouts that compute the product themselves (ZeRO-3's central differences on each rank's piece).
+    """
+
+    local: Callable[[], Callable[[Tensor], Tensor]]
+    share: Callable[[], float]
+    model: nn.Module
+    batch: Any
+    method: str
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None = None
+
+
 class ParameterSpace:
     """Flat, rank-padded vectors over ``params``, with the inner-product reduction they need.
 
@@ -124,6 +142,27 @@ class ParameterSpace:
     def weighs_rank_shares(self) -> bool:
         """Whether products weigh each rank's share of the sketch batch (FSDP's backward averages equally)."""
         return not self.sharded
+
+    def sketch_matvec(self, inputs: ProductInputs) -> Callable[[Tensor], Tensor]:
+        """v_P ↦ (H v)_P on the sketch batch as this layout needs it.
+
+        FSDP: the product on this rank's padded piece (its gradient reduce-scatter already averages the
+        ranks); one process: the product itself; DDP: the ranks' products weighted by their shares of the
+        batch and summed (:meth:`rank_averaged`).
+        """
+        hvp = inputs.local()
+        if self.sharded:
+            return lambda v_P: self.pad(hvp(self.unpad(v_P)))
+        if rank_and_world()[1] == 1:
+            return hvp
+        return self.rank_averaged(hvp, inputs.share())
+
+    def rank_averaged(self, hvp: Callable[[Tensor], Tensor], weight: float) -> Callable[[Tensor], Tensor]:
+        """The ranks' products on replicated parameters, each weighted by ``weight`` (its share), summed.
+
+        One all-reduce per product, on the parameters' device.
+        """
+        return lambda v_P: sum_over_ranks(hvp(v_P.to(self.device)) * weight).to(v_P.device)
 
     def orient_(self, vectors_PK: Tensor) -> Tensor:
         """Fix each eigenvector's sign where the layout would otherwise change it; returns ``vectors_PK``.
