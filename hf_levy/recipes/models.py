@@ -32,11 +32,11 @@ def build_model(architecture: str = "LlamaForCausalLM", *, seed: int = 0, **conf
     """
     import transformers
 
-    if architecture == "MLPClassifier":  # the small non-transformer model of the digits recipe
+    if architecture in LOCAL_MODELS:  # a small non-transformer model, built from its keyword arguments
         config_kwargs.pop("vocab_size", None)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return MLPClassifier(**config_kwargs)
+            return LOCAL_MODELS[architecture](**config_kwargs)
     model_class = getattr(transformers, architecture, None) if isinstance(architecture, str) else None
     config_class = getattr(model_class, "config_class", None)
     if model_class is None or config_class is None or not hasattr(config_class, "model_type"):
@@ -101,3 +101,40 @@ def resolve_pretrained(name: str) -> str:
     if not folder.is_dir():
         raise ValueError(f"{name}: {folder} does not exist; the package ships no model/ folder")
     return str(folder)
+
+
+class DiagonalLinearNetwork(torch.nn.Module):
+    """``f(x) = <u⊙u − v⊙v, x>`` with ``u = v = init_scale`` at the start (so ``w = 0``); squared loss.
+
+    The smaller ``init_scale``, the closer gradient flow ends to the minimum-ℓ1 interpolator (Woodworth et
+    al. 2020); the output is ``{"logits": f(x) of shape (B,), "loss": mean((f(x) − y)²)}``.
+    """
+
+    def __init__(self, in_features: int = 100, init_scale: float = 0.1):
+        super().__init__()
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be > 0, got {init_scale!r}: e.g. init_scale=0.1")
+        self.u = torch.nn.Parameter(torch.full((in_features,), float(init_scale)))
+        self.v = torch.nn.Parameter(torch.full((in_features,), float(init_scale)))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The linear weights ``w = u⊙u − v⊙v``, shape (in_features,)."""
+        return self.u * self.u - self.v * self.v
+
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{"logits": f(x)}``, with ``"loss"`` (the mean squared error) when ``labels`` are given."""
+        prediction = pixel_values @ self.weight
+        out = {"logits": prediction}
+        if labels is not None:
+            out["loss"] = torch.mean((prediction - labels.to(prediction.dtype)) ** 2)
+        return out
+
+
+# The recipe architectures defined here rather than in transformers: built from their keyword arguments.
+LOCAL_MODELS: dict[str, type[torch.nn.Module]] = {
+    "MLPClassifier": MLPClassifier,  # the digits and sparse-parity tasks
+    "DiagonalLinearNetwork": DiagonalLinearNetwork,  # the sparse-regression task
+}

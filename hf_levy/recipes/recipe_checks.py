@@ -81,7 +81,7 @@ def check_task(path: Any, task: Mapping[str, Any], builders: Mapping[str, Callab
 
 
 def check_model(path: Any, model: Mapping[str, Any]) -> None:
-    """Check ``model``: its architecture is a transformers model class (or ``MLPClassifier``).
+    """Check ``model``: its architecture is a transformers model class or one of ``LOCAL_MODELS``.
 
     Its keys are what that architecture takes, of their annotated types (see the module docstring).
     """
@@ -90,15 +90,16 @@ def check_model(path: Any, model: Mapping[str, Any]) -> None:
     where = f"{path}: model"
     architecture = model.get("architecture", DEFAULT_ARCHITECTURE)
     spec = {key: value for key, value in model.items() if key not in RECIPE_MODEL_KEYS}
-    if architecture == "MLPClassifier":
-        from hf_levy.recipes.models import MLPClassifier
+    from hf_levy.recipes.models import LOCAL_MODELS
 
-        _check_keys(where, spec, set(inspect.signature(MLPClassifier).parameters), "MLPClassifier")
-        _check_types(where, spec, typing.get_type_hints(MLPClassifier.__init__))
+    if architecture in LOCAL_MODELS:
+        local = LOCAL_MODELS[architecture]
+        _check_keys(where, spec, set(inspect.signature(local).parameters), architecture)
+        _check_types(where, spec, typing.get_type_hints(local.__init__))
         return
     model_class = getattr(transformers, architecture, None) if isinstance(architecture, str) else None
     if not inspect.isclass(model_class) or not hasattr(model_class, "from_pretrained"):
-        models = [n for n in dir(transformers) if "For" in n or n.endswith("Model")]
+        models = [*LOCAL_MODELS, *(n for n in dir(transformers) if "For" in n or n.endswith("Model"))]
         raise _error(
             f"{where}: architecture: {architecture!r} is not a transformers model class"
             f"{_closest(str(architecture), models)}"

@@ -6,7 +6,7 @@ The question: "does a small batch reach a held-out target in fewer optimizer ste
 - :func:`sparse_parity`: the parity of ``k`` secret bits of ``n`` random ±1 bits (Barak et al. 2022), for the
   MLP of the digits recipe (``MLPClassifier``); the metric is test accuracy on fresh strings.
 - :func:`sparse_regression`: ``y = X·w*`` with a ``k``-sparse ``w*`` and fewer examples than features, for a
-  diagonal linear network ``w = u⊙u − v⊙v`` (:class:`DiagonalLinearNetwork`; Woodworth et al. 2020, Pesme
+  diagonal linear network ``w = u⊙u − v⊙v`` (:class:`hf_levy.recipes.models.DiagonalLinearNetwork`; Woodworth et al. 2020, Pesme
   et al. 2021); the metric is the test mean squared error relative to ``mean(y²)``.
 - :func:`noisy_digits`: scikit-learn's 8×8 digits with a fraction of the training labels replaced by
   another class (label-noise memorization, Zhang et al. 2017); the metric is accuracy on clean test labels.
@@ -115,7 +115,7 @@ def sparse_regression(
     With fewer training examples than features, many weight vectors fit the train set exactly and only the
     sparse one generalizes. The train targets carry Gaussian noise of ``noise_std``; the test targets are
     noiseless. Metric: ``relative_mse`` (test MSE over ``mean(y²)``; ``eval_loss`` is the plain test MSE).
-    The model is :class:`DiagonalLinearNetwork`.
+    The model is :class:`hf_levy.recipes.models.DiagonalLinearNetwork`.
     """
     _count("num_features", num_features, 1, "num_features=100")
     _count("num_nonzero", num_nonzero, 1, "num_nonzero=5")
@@ -144,36 +144,6 @@ def sparse_regression(
             f"{num_test} test examples, train noise std {noise_std} (seed={seed})"
         ),
     )
-
-
-class DiagonalLinearNetwork(torch.nn.Module):
-    """``f(x) = <u⊙u − v⊙v, x>`` with ``u = v = init_scale`` at the start (so ``w = 0``); squared loss.
-
-    The smaller ``init_scale``, the closer gradient flow ends to the minimum-ℓ1 interpolator (Woodworth et
-    al. 2020); the output is ``{"logits": f(x) of shape (B,), "loss": mean((f(x) − y)²)}``.
-    """
-
-    def __init__(self, in_features: int = 100, init_scale: float = 0.1):
-        super().__init__()
-        if not init_scale > 0:
-            raise ValueError(f"init_scale must be > 0, got {init_scale!r}: e.g. init_scale=0.1")
-        self.u = torch.nn.Parameter(torch.full((in_features,), float(init_scale)))
-        self.v = torch.nn.Parameter(torch.full((in_features,), float(init_scale)))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The linear weights ``w = u⊙u − v⊙v``, shape (in_features,)."""
-        return self.u * self.u - self.v * self.v
-
-    def forward(
-        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
-        """``{"logits": f(x)}``, with ``"loss"`` (the mean squared error) when ``labels`` are given."""
-        prediction = pixel_values @ self.weight
-        out = {"logits": prediction}
-        if labels is not None:
-            out["loss"] = torch.mean((prediction - labels.to(prediction.dtype)) ** 2)
-        return out
 
 
 def noisy_digits(num_train: int = 500, noise_fraction: float = 0.3, seed: int = 0) -> Task:
