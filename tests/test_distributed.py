@@ -51,9 +51,32 @@ def torchrun_many(
     return [[torch.load(out / f"rank{r}.pt") for r in range(2)] for out, _ in runs]
 
 
+# The DDP runs of this module, trained in one launch (each launch costs every rank its imports): the noisy run,
+# levy_scale 0, the noisy run saving at step 3 and its resume from there, calibration on one step, and last
+# the uneven fake clock, which replaces the schedule's clock for the rest of that process.
+DDP_RUNS = {
+    "noisy": (),
+    "quiet": ("--levy_scale", "0"),
+    "full": ("--save_steps", "3"),
+    "resumed": ("--resume", "{full}/checkpoint-3"),
+    "calibrated": ("--levy_virtual_batch_size", "2", "--max_steps", "1"),
+    "uneven_clock": ("--uneven_fake_clock", "--max_steps", "12"),
+}
+
+
 @pytest.fixture(scope="module")
-def noisy(tmp_path_factory):
-    return torchrun(tmp_path_factory.mktemp("ddp_noise"))
+def ddp(tmp_path_factory) -> dict[str, list[dict]]:
+    folder = tmp_path_factory.mktemp("ddp")
+    runs = [
+        (folder / name, tuple(flag.format(full=folder / "full") for flag in flags))
+        for name, flags in DDP_RUNS.items()
+    ]
+    return dict(zip(DDP_RUNS, torchrun_many(runs), strict=True))
+
+
+@pytest.fixture(scope="module")
+def noisy(ddp):
+    return ddp["noisy"]
 
 
 def test_two_ranks_really_ran(noisy):
@@ -66,8 +89,8 @@ def test_parameters_and_eigenvectors_are_identical_on_both_ranks(noisy):
     assert torch.equal(noisy[0]["vectors"], noisy[1]["vectors"])
 
 
-def test_noise_changes_the_ddp_run(noisy, tmp_path):
-    quiet = torchrun(tmp_path, "--levy_scale", "0")
+def test_noise_changes_the_ddp_run(noisy, ddp):
+    quiet = ddp["quiet"]
     assert torch.equal(quiet[0]["params"], quiet[1]["params"])
     assert not torch.equal(quiet[0]["params"], noisy[0]["params"])
 
@@ -82,28 +105,26 @@ def test_eigenvalues_equal_the_single_process_ones_on_the_same_sketch_batch(nois
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 
 
-def test_resume_under_ddp_equals_the_uninterrupted_run(noisy, tmp_path):
-    full_dir = tmp_path / "full"
-    full = torchrun(full_dir, "--save_steps", "3")
+def test_resume_under_ddp_equals_the_uninterrupted_run(noisy, ddp):
+    full, resumed = ddp["full"], ddp["resumed"]
     assert torch.equal(full[0]["params"], noisy[0]["params"])  # saving checkpoints changes nothing
-    resumed = torchrun(tmp_path / "resumed", "--resume", str(full_dir / "checkpoint-3"))
     assert torch.equal(resumed[0]["params"], full[0]["params"])
     assert torch.equal(resumed[1]["params"], full[1]["params"])
 
 
-def test_sketch_time_budget_is_decided_once_for_all_ranks(tmp_path):
+def test_sketch_time_budget_is_decided_once_for_all_ranks(ddp):
     # Uneven fake step times (1 s on rank 0, 4 s on rank 1): each rank alone would defer the second refresh
     # differently (to step 40 vs 10) and their collectives would part; rank 0's decision holds for both.
-    ranks = torchrun(tmp_path, "--uneven_fake_clock", "--max_steps", "12")
+    ranks = ddp["uneven_clock"]
     assert [r["refreshed"] for r in ranks] == [[0], [0]]
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])
 
 
-def test_calibration_under_ddp_gathers_the_single_process_table(tmp_path):
+def test_calibration_under_ddp_gathers_the_single_process_table(ddp, tmp_path):
     # Each rank projects 16 of the 32 micro-batch gradients; the gathered table must give the fit of one
     # process that computed all 32 on the same step-0 eigenvectors. Those agree to rounding (tables within
     # 1e-7, α̂ within 4e-5 measured); one rank's rows missing (zeros) or repeated move α̂_0 by 0.13 here.
-    ranks = torchrun(tmp_path / "ddp", "--levy_virtual_batch_size", "2", "--max_steps", "1")
+    ranks = ddp["calibrated"]
     single = run_levy(
         tmp_path,
         max_steps=1,
