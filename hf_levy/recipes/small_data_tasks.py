@@ -6,8 +6,9 @@ The question: "does a small batch reach a held-out target in fewer optimizer ste
 - :func:`sparse_parity`: the parity of ``k`` secret bits of ``n`` random ±1 bits (Barak et al. 2022), for the
   MLP of the digits recipe (``MLPClassifier``); the metric is test accuracy on fresh strings.
 - :func:`sparse_regression`: ``y = X·w*`` with a ``k``-sparse ``w*`` and fewer examples than features, for a
-  diagonal linear network ``w = u⊙u − v⊙v`` (:class:`hf_levy.recipes.models.DiagonalLinearNetwork`; Woodworth et al. 2020, Pesme
-  et al. 2021); the metric is the test mean squared error relative to ``mean(y²)``.
+  diagonal linear network ``w = u⊙u − v⊙v`` (:class:`hf_levy.recipes.models.DiagonalLinearNetwork`;
+  Woodworth et al. 2020, Pesme et al. 2021); the metric is the test mean squared error relative to
+  ``mean(y²)``.
 - :func:`noisy_digits`: scikit-learn's 8×8 digits with a fraction of the training labels replaced by
   another class (label-noise memorization, Zhang et al. 2017); the metric is accuracy on clean test labels.
 
